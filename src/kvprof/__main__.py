@@ -1,0 +1,3 @@
+from kvprof.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""``kvprof.trace()``: switch recording on and off in a running engine's processes.
+
+The hooks live in the EngineCore and worker processes (installed there by the
+plugin entry point); this handle only sends them ``kvprof_start`` /
+``kvprof_stop`` through vLLM's utility-call channel.
+"""
+from __future__ import annotations
+
+import os
+
+from kvprof.errors import EngineNotTraceable
+from kvprof.recorder.session import prepare_target
+
+
+class Trace:
+    """A start/stop handle; also a context manager (``with``, or ``async with`` for AsyncLLM)."""
+
+    def __init__(self, engine, path, *, overwrite: bool = False, detail: str = "blocks",
+                 flush_interval_s: float = 0.25, record_prompts: bool = False,
+                 _fault_point: str | None = None):
+        self.engine = engine
+        self.path = os.fspath(path)
+        self.overwrite = overwrite
+        self.options = {"detail": detail, "flush_interval_s": flush_interval_s,
+                        "record_prompts": record_prompts, "fault_point": _fault_point}
+        self.client, self.is_async = _engine_core_client(engine)
+        self.summary: dict | None = None
+        self.active = False
+
+    # ------------------------------------------------------------ sync
+    def start(self) -> "Trace":
+        self._prepare()
+        self._call("kvprof_start", self.path, self.options)
+        self.active = True
+        return self
+
+    def stop(self) -> dict:
+        if not self.active:
+            return self.summary or {}
+        self.active = False
+        self.summary = self._call("kvprof_stop")
+        return self.summary
+
+    def status(self) -> dict:
+        """The EngineCore's view: tracing or not, steps recorded, warnings emitted."""
+        return self._call("kvprof_status")
+
+    def __enter__(self) -> "Trace":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ----------------------------------------------------------- async
+    async def start_async(self) -> "Trace":
+        self._prepare()
+        await self.client.call_utility_async("kvprof_start", self.path, self.options)
+        self.active = True
+        return self
+
+    async def stop_async(self) -> dict:
+        if not self.active:
+            return self.summary or {}
+        self.active = False
+        self.summary = await self.client.call_utility_async("kvprof_stop")
+        return self.summary
+
+    async def __aenter__(self) -> "Trace":
+        return await self.start_async()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop_async()
+
+    # --------------------------------------------------------- helpers
+    def _prepare(self) -> None:
+        from kvprof.hooks import plugin
+        plugin.register()
+        if plugin.status()["unsupported"]:
+            from kvprof.errors import UnsupportedVllmVersion
+            raise UnsupportedVllmVersion(plugin.status()["unsupported"])
+        prepare_target(self.path, self.overwrite)
+
+    def _call(self, method: str, *args):
+        if self.is_async:
+            raise EngineNotTraceable("AsyncLLM is traced with 'async with kvprof.trace(...)'")
+        inproc = getattr(self.client, "engine_core", None)
+        if inproc is not None and hasattr(inproc, method):   # InprocClient: same process
+            return getattr(inproc, method)(*args)
+        return self.client.call_utility(method, *args)
+
+
+def _engine_core_client(engine):
+    """Find the EngineCore client of an LLM, LLMEngine or AsyncLLM."""
+    inner = getattr(engine, "llm_engine", engine)          # LLM -> LLMEngine
+    client = getattr(inner, "engine_core", None)
+    if client is None:
+        raise EngineNotTraceable(
+            f"kvprof.trace() needs a vLLM LLM, LLMEngine or AsyncLLM, not {type(engine).__name__}")
+    return client, hasattr(client, "call_utility_async") and not hasattr(client, "call_utility")

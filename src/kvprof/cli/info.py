@@ -1,0 +1,70 @@
+"""``kvprof info PATH``: what a trace holds, without reading more than needed."""
+from __future__ import annotations
+
+import json
+
+
+class InfoCommand:
+    """Show a trace's format and vLLM versions, model, tables, time span and losses."""
+
+    name = "info"
+    help = "what is in a trace (versions, model, tables, time span, dropped rows)"
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("path", help="trace file written by kvprof")
+        parser.add_argument("--json", action="store_true", help="print JSON")
+
+    def run(self, args) -> int:
+        from kvprof.format.reader import read_trace
+        trace = read_trace(args.path)
+        info = describe(trace)
+        if args.json:
+            print(json.dumps(info, indent=2, sort_keys=True))
+        else:
+            print(render(info))
+        return 0
+
+
+def describe(trace) -> dict:
+    steps = trace["steps"]
+    span = 0.0
+    if steps.num_rows:
+        start = steps.column("t_schedule_start_ns")[0].as_py()
+        end = steps.column("t_update_end_ns")[-1].as_py()
+        span = (end - start) / 1e9
+    run = trace.run
+    return {
+        "path": trace.path,
+        "format_version": trace.format_version,
+        "kvprof_version": run.get("kvprof_version"),
+        "vllm_version": run.get("vllm_version"),
+        "model": run.get("model", {}),
+        "kv": {k: v for k, v in run.get("kv", {}).items() if k != "groups"},
+        "engine": run.get("engine", {}),
+        "tables": {name: table.num_rows for name, table in trace.tables.items()},
+        "duration_s": round(span, 6),
+        "complete": trace.complete,
+        "rows_dropped": trace.rows_dropped,
+        "warnings": trace.warnings,
+    }
+
+
+def render(info: dict) -> str:
+    model, kv, engine = info["model"], info["kv"], info["engine"]
+    lines = [
+        f"trace        {info['path']}",
+        f"format       {info['format_version']} (kvprof {info['kvprof_version']}, vLLM {info['vllm_version']})",
+        f"model        {model.get('model')} — {model.get('layers')} layers, "
+        f"{model.get('num_kv_heads')} KV heads x {model.get('head_size')}, {model.get('dtype')}",
+        f"KV cache     {kv.get('usable_blocks')} blocks of {kv.get('block_size')} tokens, "
+        f"{kv.get('bytes_per_block')} bytes per block",
+        f"engine       max_num_seqs={engine.get('max_num_seqs')} "
+        f"max_num_batched_tokens={engine.get('max_num_batched_tokens')} "
+        f"prefix_caching={engine.get('prefix_caching')}",
+        f"time span    {info['duration_s']:.3f} s",
+        "tables       " + ", ".join(f"{k}={v}" for k, v in info["tables"].items()),
+        f"complete     {info['complete']}"
+        + (f" (dropped rows: {info['rows_dropped']})" if info["rows_dropped"] else ""),
+    ]
+    lines += [f"warning      {w}" for w in info["warnings"]]
+    return "\n".join(lines)

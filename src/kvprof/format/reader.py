@@ -1,0 +1,231 @@
+"""Reading a kvprof trace: the main stream, its parts folder, salvage of cut files.
+
+Every way a file can be wrong ends in a ``TraceFormatError`` with one line that
+names the problem; a stream cut short (a crash, a full disk) is read up to its
+last complete record batch and the cut is reported in ``Trace.warnings``.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from kvprof.errors import NewerFormatError, TraceFormatError
+from kvprof.format import schema as S
+
+_FILE_MAGIC = b"ARROW1"
+_STREAM_CONTINUATION = b"\xff\xff\xff\xff"
+
+
+@dataclass
+class Trace:
+    """A trace in memory: one Arrow table per kvprof table, plus what is known about it."""
+
+    path: str
+    format_version: str
+    run: dict
+    tables: dict[str, pa.Table]
+    end_records: dict[str, dict] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def __getitem__(self, table: str) -> pa.Table:
+        return self.tables[table]
+
+    @property
+    def complete(self) -> bool:
+        """True when every writer closed its files cleanly and nothing was dropped."""
+        ends = self.end_records
+        return bool(ends) and "engine_core" in ends and all(
+            e.get("complete") and not e.get("rows_dropped") for e in ends.values())
+
+    @property
+    def rows_dropped(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for end in self.end_records.values():
+            for table, n in (end.get("rows_dropped") or {}).items():
+                total[table] = total.get(table, 0) + n
+        return total
+
+
+def read_trace(path: str, tables: tuple[str, ...] | None = None) -> Trace:
+    """Read the trace at ``path`` (the main file the user named)."""
+    path = os.fspath(path)
+    warnings: list[str] = []
+    steps, meta = read_stream(path, "steps", warnings)
+    version = meta.get(S.META_FORMAT, b"").decode()
+    run = _run_metadata(meta, path)
+    wanted = tables or tuple(t for t in S.TABLES if t != "steps")
+    loaded = {"steps": steps}
+    parts = path + S.PARTS_SUFFIX
+    for table in wanted:
+        if table == "forward":
+            loaded["forward"] = _read_forward(parts, warnings)
+        elif table != "steps":
+            part = os.path.join(parts, S.PART_FILES[table])
+            if os.path.exists(part) and os.path.getsize(part) > 0:
+                loaded[table] = read_stream(part, table, warnings)[0]
+            else:
+                warnings.append(f"{table}: missing or empty part file ({part})")
+                loaded[table] = empty_table(table)
+    trace = Trace(path, version, run, loaded, _end_records(parts), warnings)
+    if not trace.end_records.get("engine_core"):
+        warnings.append("the trace has no end record: the engine stopped before tracing "
+                        "did (crash or kill); read up to the last flushed batch")
+    elif trace.end_records["engine_core"].get("cut_short"):
+        warnings.append(f"the trace was cut short: {trace.end_records['engine_core']['cut_short']}")
+    if trace.rows_dropped:
+        warnings.append(f"rows dropped while recording: {trace.rows_dropped}")
+    return trace
+
+
+def read_stream(path: str, table: str, warnings: list[str]) -> tuple[pa.Table, dict]:
+    """One kvprof stream: checked against the schema, salvaged up to a cut."""
+    data = _read_bytes(path)
+    reader = _open(data, path)
+    meta = dict(reader.schema.metadata or {})
+    check_metadata(meta, path, table)
+    batches = []
+    try:
+        for batch in reader:
+            batches.append(batch)
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+        warnings.append(f"{os.path.basename(path)}: cut after {len(batches)} complete batches ({_first_line(exc)})")
+    result = pa.Table.from_batches(batches, schema=reader.schema) if batches else \
+        reader.schema.empty_table()
+    return conform(result, table, path), meta
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise TraceFormatError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise TraceFormatError(f"{path}: is a folder, not a trace file") from None
+    except OSError as exc:
+        raise TraceFormatError(f"{path}: cannot read ({exc.strerror})") from None
+    if not data:
+        raise TraceFormatError(f"{path}: empty file")
+    return data
+
+
+def _open(data: bytes, path: str):
+    """An IPC stream, or an IPC file (read as the stream after its 8-byte preamble)."""
+    buf = pa.py_buffer(data)
+    if data[:6] == _FILE_MAGIC:
+        try:
+            return _FileBatches(ipc.open_file(buf))
+        except (pa.ArrowInvalid, OSError):
+            buf = pa.py_buffer(data[8:])
+    elif not data.startswith(_STREAM_CONTINUATION):
+        raise TraceFormatError(f"{path}: not an Arrow IPC file ({_describe(data)})")
+    try:
+        reader = ipc.open_stream(buf)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise TraceFormatError(f"{path}: unreadable Arrow stream ({_first_line(exc)})") from None
+    return _StreamBatches(reader)
+
+
+class _StreamBatches:
+    """Uniform iteration over stream and file readers."""
+
+    def __init__(self, reader):
+        self.reader = reader
+        self.schema = reader.schema
+
+    def __iter__(self):
+        while True:
+            try:
+                yield self.reader.read_next_batch()
+            except StopIteration:
+                return
+
+
+class _FileBatches:
+    def __init__(self, reader):
+        self.reader = reader
+        self.schema = reader.schema
+
+    def __iter__(self):
+        for i in range(self.reader.num_record_batches):
+            yield self.reader.get_batch(i)
+
+
+def check_metadata(meta: dict, path: str, table: str) -> None:
+    version = meta.get(S.META_FORMAT)
+    if version is None:
+        raise TraceFormatError(f"{path}: an Arrow file, but not a kvprof trace (no format version)")
+    try:
+        major = int(version.decode().split(".")[0])
+    except ValueError:
+        raise TraceFormatError(f"{path}: bad kvprof format version {version!r}") from None
+    if major > S.FORMAT_MAJOR:
+        raise NewerFormatError(
+            f"{path}: written by kvprof format {version.decode()}, newer than this reader "
+            f"({S.FORMAT_VERSION}); upgrade kvprof to read it")
+    found = meta.get(S.META_TABLE, b"").decode()
+    if found != table:
+        raise TraceFormatError(f"{path}: holds kvprof table {found!r}, expected {table!r}")
+
+
+def conform(tbl: pa.Table, table: str, path: str) -> pa.Table:
+    """Columns in schema order with the schema's types; extra (newer minor) columns dropped."""
+    columns = []
+    for f in S.TABLES[table]:
+        if f.name not in tbl.column_names:
+            raise TraceFormatError(f"{path}: column {table}.{f.name} is missing")
+        col = tbl.column(f.name)
+        if col.type != f.type:
+            raise TraceFormatError(
+                f"{path}: column {table}.{f.name} has type {col.type}, expected {f.type}")
+        columns.append(col)
+    return pa.Table.from_arrays(columns, schema=pa.schema(S.TABLES[table]))
+
+
+def empty_table(table: str) -> pa.Table:
+    return pa.schema(S.TABLES[table]).empty_table()
+
+
+def _read_forward(parts: str, warnings: list[str]) -> pa.Table:
+    files = [f for f in sorted(glob.glob(os.path.join(parts, "forward-*.arrow")))
+             if os.path.getsize(f) > 0]
+    if not files:
+        return empty_table("forward")
+    return pa.concat_tables([read_stream(f, "forward", warnings)[0] for f in files])
+
+
+def _end_records(parts: str) -> dict[str, dict]:
+    records = {}
+    for file in glob.glob(os.path.join(parts, "end-*.json")):
+        try:
+            with open(file) as f:
+                record = json.load(f)
+            records[record.get("writer", os.path.basename(file))] = record
+        except (OSError, ValueError):
+            continue
+    return records
+
+
+def _run_metadata(meta: dict, path: str) -> dict:
+    try:
+        return json.loads(meta.get(S.META_RUN, b"{}"))
+    except ValueError:
+        raise TraceFormatError(f"{path}: run metadata is not valid JSON") from None
+
+
+def _describe(data: bytes) -> str:
+    if data[:4] == b"PAR1":
+        return "it is a Parquet file"
+    if all(32 <= c < 127 or c in (9, 10, 13) for c in data[:256]):
+        return "it looks like text"
+    return "unknown binary content"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,168 @@
+"""The kvprof trace format: the one place where tables, columns and the version live.
+
+A trace is a main Arrow IPC *stream* file (the ``steps`` table, written by the
+EngineCore) plus a sibling folder ``<path>.parts/`` holding one Arrow IPC stream
+per other table (and one ``forward`` file per worker process). Streams, not IPC
+files, because a stream killed mid-write is still readable up to its last
+complete record batch; the format version sits in each stream's *schema*
+metadata, which is written first and so survives a crash.
+
+Minor versions only add columns (readers fill defaults); a new major version
+means a reader of an older major must refuse the file.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+FORMAT_MAJOR = 1
+FORMAT_MINOR = 0
+FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
+
+META_FORMAT = b"kvprof.format_version"
+META_TABLE = b"kvprof.table"
+META_RUN = b"kvprof.run"          # JSON run metadata (main file and worker files)
+META_WRITER = b"kvprof.writer"    # "engine_core" or "worker"
+
+PARTS_SUFFIX = ".parts"
+
+# Phases of a request within one step (request_steps.phase).
+PHASE_PREFILL = 0     # first scheduling of a new request (may be a first chunk)
+PHASE_CHUNKED = 1     # continuation of a prompt that did not fit in one step
+PHASE_DECODE = 2      # one new token after the prompt was computed
+PHASE_RESUMED = 3     # re-admitted after preemption: recomputes prompt + outputs
+PHASE_NAMES = ("prefill", "chunked_prefill", "decode", "resumed")
+
+# Block event kinds (block_events.kind).
+BLOCK_ALLOC = 0       # taken from the free queue (may evict a cached block)
+BLOCK_FREE = 1        # reference count reached zero, back in the free queue
+BLOCK_REVIVE = 2      # prefix-cache hit on a free cached block: taken back
+BLOCK_EVICT = 3       # a cached block's hash dropped so the block can be reused
+BLOCK_EVENT_NAMES = ("alloc", "free", "revive", "evict")
+
+_i8, _u8, _i16, _i32, _i64 = pa.int8(), pa.uint8(), pa.int16(), pa.int32(), pa.int64()
+
+
+def _fields(*cols: tuple[str, pa.DataType]) -> list[pa.Field]:
+    return [pa.field(name, typ, nullable=False) for name, typ in cols]
+
+
+STEPS = _fields(
+    ("step", _i32),                   # step number within the trace, from 0
+    ("t_schedule_start_ns", _i64),    # time.monotonic_ns(), shared by all processes
+    ("t_schedule_end_ns", _i64),
+    ("t_update_start_ns", _i64),      # update_from_output entered (forward done)
+    ("t_update_end_ns", _i64),        # outputs of the step are ready
+    ("num_running", _i32),            # after scheduling
+    ("num_waiting", _i32),
+    ("num_prefill_reqs", _i32),       # phase counts, see PHASE_*
+    ("num_chunked_reqs", _i32),
+    ("num_decode_reqs", _i32),
+    ("num_resumed_reqs", _i32),
+    ("prefill_tokens", _i32),         # tokens scheduled in prefill / chunked / resumed phases
+    ("decode_tokens", _i32),
+    ("total_tokens", _i32),           # total scheduled tokens (the token budget's use)
+    ("kv_blocks_used", _i32),         # at update end; excludes the null block
+    ("kv_blocks_free", _i32),         # free queue length (includes cached-evictable)
+    ("kv_blocks_cached", _i32),       # blocks holding a prefix-cache hash
+    ("blocks_allocated", _i32),       # within this step (schedule start .. update end)
+    ("blocks_freed", _i32),
+    ("blocks_revived", _i32),
+    ("blocks_evicted", _i32),
+    ("prefix_hit_tokens", _i32),      # prompt tokens served from the prefix cache
+    ("preemptions", _i32),
+    ("preempted_tokens", _i32),       # computed tokens thrown away by those preemptions
+    ("finished", _i32),               # requests that finished in this step
+    ("rss_bytes", _i64),              # EngineCore process RSS (sampled, carried forward)
+)
+
+REQUEST_STEPS = _fields(
+    ("step", _i32),
+    ("req", _i32),                    # request index, see requests.req
+    ("phase", _u8),                   # PHASE_*
+    ("tokens", _i32),                 # tokens scheduled for this request in this step
+    ("computed", _i32),               # tokens already computed before this step
+    ("new_blocks", _i16),             # KV blocks newly given to it in this step
+)
+
+REQUESTS = _fields(
+    ("req", _i32),
+    ("request_id", pa.string()),      # vLLM's request id (never prompt text)
+    ("arrival_ns", _i64),             # Request.arrival_time mapped onto the monotonic clock
+    ("queued_ns", _i64),              # reached the scheduler
+    ("first_scheduled_ns", _i64),     # -1: never scheduled
+    ("first_token_ns", _i64),         # -1: no token yet
+    ("finish_ns", _i64),              # -1: still running when the trace stopped
+    ("first_scheduled_step", _i32),
+    ("first_token_step", _i32),
+    ("finish_step", _i32),
+    ("prompt_tokens", _i32),
+    ("cached_prompt_tokens", _i32),   # prefix-cache hit at admission
+    ("output_tokens", _i32),
+    ("max_tokens", _i32),
+    ("preemptions", _i32),
+    ("finish_reason", pa.string()),   # stop / length / abort / error / running / waiting
+)
+
+BLOCK_EVENTS = _fields(
+    ("step", _i32),
+    ("kind", _u8),                    # BLOCK_*
+    ("req", _i32),                    # -1 when no request is known
+    ("block_id", _i32),
+)
+
+PREEMPTIONS = _fields(
+    ("step", _i32),
+    ("t_ns", _i64),
+    ("req", _i32),
+    ("computed_tokens", _i32),        # thrown away, recomputed on resume
+    ("blocks_freed", _i32),
+    ("kv_blocks_used", _i32),         # just before the preemption
+)
+
+PROMPTS = [  # only with record_prompts=True: kvprof stores no prompt content otherwise
+    pa.field("req", _i32, nullable=False),
+    pa.field("prompt_token_ids", pa.list_(_i32), nullable=False),
+]
+
+FORWARD = [
+    pa.field("step", _i32, nullable=False),   # -1: a forward outside traced steps
+    pa.field("rank", _i32, nullable=False),
+    pa.field("t_start_ns", _i64, nullable=False),
+    pa.field("t_end_ns", _i64, nullable=False),
+    pa.field("device_ns", _i64, nullable=True),       # CUDA events; null on CPU
+    pa.field("rss_bytes", _i64, nullable=False),      # worker process RSS
+    pa.field("gpu_used_bytes", _i64, nullable=True),  # NVML device memory in use
+    pa.field("torch_allocated_bytes", _i64, nullable=True),
+    pa.field("torch_reserved_bytes", _i64, nullable=True),
+    pa.field("torch_peak_bytes", _i64, nullable=True),
+]
+
+TABLES: dict[str, list[pa.Field]] = {
+    "steps": STEPS,
+    "request_steps": REQUEST_STEPS,
+    "requests": REQUESTS,
+    "block_events": BLOCK_EVENTS,
+    "preemptions": PREEMPTIONS,
+    "prompts": PROMPTS,
+    "forward": FORWARD,
+}
+
+# Tables in the parts folder; "forward" has one file per worker rank.
+PART_FILES = {name: f"{name}.arrow" for name in TABLES if name not in ("steps", "forward")}
+
+
+def forward_file(rank: int) -> str:
+    return f"forward-{rank}.arrow"
+
+
+def schema_for(table: str, *, writer: str, run_json: str | None = None) -> pa.Schema:
+    """The Arrow schema of ``table`` with kvprof's metadata attached."""
+    meta = {META_FORMAT: FORMAT_VERSION.encode(), META_TABLE: table.encode(),
+            META_WRITER: writer.encode()}
+    if run_json is not None:
+        meta[META_RUN] = run_json.encode()
+    return pa.schema(TABLES[table], metadata=meta)
+
+
+def column_names(table: str) -> list[str]:
+    return [f.name for f in TABLES[table]]

@@ -1,0 +1,354 @@
+"""EngineCore-side recording: the scheduler, the KV cache manager and the block pool.
+
+Each ``on_*`` function is a hook body: it reads integers off vLLM's objects and
+appends them to column buffers; nothing here allocates per block or per request
+beyond what the table rows need. Step rows are completed at the end of
+``update_from_output``, so the block counters of a row cover the window between
+two consecutive update ends (equal to the step under synchronous scheduling).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+
+from kvprof.format import schema as S
+from kvprof.recorder.columns import ColumnBuffer
+from kvprof.recorder.memory import RssReader
+from kvprof.recorder.session import TraceSession, parts_dir
+
+_now = time.monotonic_ns
+_repeat = itertools.repeat
+
+
+class Options:
+    """What to record. ``detail="steps"`` turns block events off."""
+
+    def __init__(self, detail: str = "blocks", flush_interval_s: float = 0.25,
+                 flush_rows: int = 65536, rss_every: int = 16, record_prompts: bool = False,
+                 fault_point: str | None = None):
+        if detail not in ("steps", "blocks"):
+            raise ValueError("detail must be 'steps' or 'blocks'")
+        self.detail = detail
+        self.flush_interval_ns = int(flush_interval_s * 1e9)
+        self.flush_rows = flush_rows
+        self.rss_every = max(1, rss_every)
+        self.record_prompts = record_prompts
+        self.fault_point = fault_point   # tests: make this hook raise (see hooks.state)
+
+    def to_dict(self) -> dict:
+        return {"detail": self.detail, "flush_interval_s": self.flush_interval_ns / 1e9,
+                "flush_rows": self.flush_rows, "rss_every": self.rss_every,
+                "record_prompts": self.record_prompts, "fault_point": self.fault_point}
+
+
+class EngineRecorder:
+    """Recording state for one traced run inside the EngineCore process."""
+
+    def __init__(self, scheduler, path: str, options: Options, run: dict):
+        self.scheduler = scheduler
+        self.pool = scheduler.kv_cache_manager.block_pool
+        self.options = options
+        self.block_events_on = options.detail == "blocks"
+        tables = {"steps": path}
+        for table, name in S.PART_FILES.items():
+            tables[table] = os.path.join(parts_dir(path), name)
+        self.session = TraceSession(path, tables, "engine_core", run)
+        self.buffers = {t: ColumnBuffer(t, S.TABLES[t]) for t in tables}
+        self.steps = self.buffers["steps"]
+        self.req_steps = self.buffers["request_steps"]
+        self.requests = self.buffers["requests"]
+        self.blocks = self.buffers["block_events"]
+        self.preempt = self.buffers["preemptions"]
+        self.prompts = self.buffers["prompts"]
+        self.rss = RssReader()
+        self.rss_value = self.rss.read()
+        self.wall_minus_mono_ns = time.time_ns() - _now()
+        self.req_index: dict[str, int] = {}
+        self.req_track: dict[int, list] = {}   # idx -> [queued, first_sched, first_sched_step, ftok, ftok_step, cached]
+        self.awaiting_first_token: dict[str, int] = {}
+        self.in_flight: dict[int, tuple] = {}  # id(scheduler_output) -> (step, t0, t1, counts...)
+        self.finished_pending: list[tuple] = []
+        self.next_step = 0
+        self.rows_emitted = 0
+        self.in_update = False
+        self.current_req = -1
+        self.attr_from = 0
+        self.last_flush_ns = _now()
+        self.kv_used_at_start = self.kv_used()
+        self._zero_counters()
+        self.closed = False
+
+    # ------------------------------------------------------------------ helpers
+    def _zero_counters(self) -> None:
+        self.n_alloc = self.n_freed = self.n_revived = self.n_evicted = 0
+        self.n_prefix_hits = self.n_preempt = self.n_preempt_tokens = self.n_finished = 0
+
+    def kv_used(self) -> int:
+        return self.pool.num_gpu_blocks - 1 - self.pool.get_num_free_blocks()
+
+    def index_of(self, request_id: str) -> int:
+        idx = self.req_index.get(request_id)
+        if idx is None:
+            idx = self.req_index[request_id] = len(self.req_index)
+            self.req_track[idx] = [-1, -1, -1, -1, -1, 0]
+        return idx
+
+    def flush(self, force: bool = False) -> None:
+        now = _now()
+        if not force and now - self.last_flush_ns < self.options.flush_interval_ns \
+                and len(self.req_steps) < self.options.flush_rows:
+            return
+        self.last_flush_ns = now
+        submit = self.session.writer.submit
+        for buf in self.buffers.values():
+            rows = len(buf)
+            if rows:
+                submit(buf.table, buf.fields, buf.swap(), rows)
+
+    # --------------------------------------------------------------- scheduler
+    def on_add_request(self, request) -> None:
+        idx = self.index_of(request.request_id)
+        self.req_track[idx][0] = _now()
+        if self.options.record_prompts and request.prompt_token_ids is not None:
+            self.prompts.append_row(idx, list(request.prompt_token_ids))
+
+    def before_schedule(self) -> int:
+        self.attr_from = len(self.blocks)
+        return _now()
+
+    def after_schedule(self, t0: int, so) -> None:
+        t1 = _now()
+        step = self.next_step
+        self.next_step += 1
+        nst = so.num_scheduled_tokens
+        index_of = self.index_of
+        rs = self.req_steps
+        counts = [0, 0, 0, 0]
+        decode_tokens = 0
+        track = self.req_track
+        for nr in so.scheduled_new_reqs:
+            rid = nr.req_id
+            idx = index_of(rid)
+            tr = track[idx]
+            if tr[1] < 0:
+                tr[1], tr[2] = t0, step
+            if tr[3] < 0:
+                self.awaiting_first_token[rid] = idx
+            blocks = nr.block_ids
+            rs.append_row(step, idx, S.PHASE_PREFILL, nst[rid], nr.num_computed_tokens,
+                          len(blocks[0]) if blocks else 0)
+        counts[S.PHASE_PREFILL] = len(so.scheduled_new_reqs)
+        cr = so.scheduled_cached_reqs
+        ids = cr.req_ids
+        n = len(ids)
+        if n:
+            idxs = list(map(index_of, ids))
+            toks = list(map(nst.__getitem__, ids))
+            outs = cr.num_output_tokens
+            phases = [S.PHASE_DECODE if o else S.PHASE_CHUNKED for o in outs]
+            if cr.resumed_req_ids:
+                for i, rid in enumerate(ids):
+                    if rid in cr.resumed_req_ids:
+                        phases[i] = S.PHASE_RESUMED
+                        if track[idxs[i]][3] < 0:
+                            self.awaiting_first_token[rid] = idxs[i]
+            rs.step.extend(_repeat(step, n))
+            rs.req.extend(idxs)
+            rs.phase.extend(phases)
+            rs.tokens.extend(toks)
+            rs.computed.extend(cr.num_computed_tokens)
+            rs.new_blocks.extend([len(b[0]) if b else 0 for b in cr.new_block_ids])
+            n_decode = phases.count(S.PHASE_DECODE)
+            counts[S.PHASE_DECODE] = n_decode
+            counts[S.PHASE_RESUMED] = phases.count(S.PHASE_RESUMED)
+            counts[S.PHASE_CHUNKED] = n - n_decode - counts[S.PHASE_RESUMED]
+            decode_tokens = sum(toks) if n_decode == n else sum(
+                t for t, p in zip(toks, phases) if p == S.PHASE_DECODE)
+        if self.block_events_on and len(self.blocks) > self.attr_from:
+            self._attribute_allocations(so)
+        sched = self.scheduler
+        self.in_flight[id(so)] = (step, t0, t1, len(sched.running), len(sched.waiting),
+                                  counts, decode_tokens)
+
+    def _attribute_allocations(self, so) -> None:
+        """Allocations during schedule() are attributed to requests from the output."""
+        owner: dict[int, int] = {}
+        for nr in so.scheduled_new_reqs:
+            if nr.block_ids:
+                owner.update(dict.fromkeys(nr.block_ids[0], self.req_index[nr.req_id]))
+        cr = so.scheduled_cached_reqs
+        for rid, b in zip(cr.req_ids, cr.new_block_ids):
+            if b and b[0]:
+                owner.update(dict.fromkeys(b[0], self.req_index[rid]))
+        ev = self.blocks
+        for i in range(self.attr_from, len(ev)):
+            if ev.req[i] < 0 and ev.kind[i] != S.BLOCK_EVICT:
+                ev.req[i] = owner.get(ev.block_id[i], -1)
+        for i in range(self.attr_from, len(ev)):
+            if ev.kind[i] == S.BLOCK_EVICT and ev.req[i] < 0:
+                ev.req[i] = owner.get(ev.block_id[i], -1)
+
+    def before_update(self) -> int:
+        self.in_update = True
+        return _now()
+
+    def after_update(self, t2: int, so) -> None:
+        self.in_update = False
+        info = self.in_flight.pop(id(so), None)
+        if info is None:
+            return  # scheduled before tracing started
+        step, t0, t1, running, waiting, counts, decode_tokens = info
+        t3 = _now()
+        self._stamp_first_tokens(t3, step)
+        for row in self.finished_pending:
+            self._write_request(row, t3, step)
+        self.n_finished += len(self.finished_pending)
+        self.finished_pending.clear()
+        pool = self.pool
+        free = pool.get_num_free_blocks()
+        if step % self.options.rss_every == 0:
+            self.rss_value = self.rss.read()
+        total = so.total_num_scheduled_tokens
+        self.steps.append_row(
+            step, t0, t1, t2, t3, running, waiting,
+            counts[S.PHASE_PREFILL], counts[S.PHASE_CHUNKED], counts[S.PHASE_DECODE],
+            counts[S.PHASE_RESUMED], total - decode_tokens, decode_tokens, total,
+            pool.num_gpu_blocks - 1 - free, free, len(pool.cached_block_hash_to_block),
+            self.n_alloc, self.n_freed, self.n_revived, self.n_evicted, self.n_prefix_hits,
+            self.n_preempt, self.n_preempt_tokens, self.n_finished, self.rss_value)
+        self.rows_emitted += 1
+        self._zero_counters()
+        self.flush()
+
+    def _stamp_first_tokens(self, t: int, step: int) -> None:
+        if not self.awaiting_first_token:
+            return
+        requests = self.scheduler.requests
+        done = []
+        for rid, idx in self.awaiting_first_token.items():
+            req = requests.get(rid)
+            if req is not None and req.num_output_tokens > 0:
+                tr = self.req_track[idx]
+                tr[3], tr[4] = t, step
+                done.append(rid)
+        for rid in done:
+            del self.awaiting_first_token[rid]
+
+    def on_prefix_hits(self, request, num_hits: int) -> None:
+        self.n_prefix_hits += num_hits
+        tr = self.req_track[self.index_of(request.request_id)]
+        if request.num_preemptions == 0:
+            tr[5] = num_hits
+
+    def before_preempt(self, request) -> tuple:
+        return (self.index_of(request.request_id), request.num_computed_tokens,
+                self.pool.get_num_free_blocks(), self.kv_used())
+
+    def after_preempt(self, token: tuple) -> None:
+        idx, computed, free_before, used_before = token
+        freed = self.pool.get_num_free_blocks() - free_before
+        self.preempt.append_row(self.rows_emitted, _now(), idx, computed, freed, used_before)
+        self.n_preempt += 1
+        self.n_preempt_tokens += computed
+
+    def on_free_request(self, request) -> None:
+        """A request finished or was aborted; its row is written at the step's end."""
+        idx = self.index_of(request.request_id)
+        reason = request.get_finished_reason()
+        row = (idx, request.request_id, request.arrival_time, request.num_prompt_tokens,
+               request.num_output_tokens, request.max_tokens, request.num_preemptions,
+               str(reason) if reason is not None else request.status.name.lower())
+        if request.request_id in self.awaiting_first_token and request.num_output_tokens > 0:
+            tr = self.req_track[idx]
+            tr[3], tr[4] = -2, self.rows_emitted   # stamped with the finish below
+            del self.awaiting_first_token[request.request_id]
+        self.awaiting_first_token.pop(request.request_id, None)
+        if self.in_update:
+            self.finished_pending.append(row)
+        else:
+            self._write_request(row, _now(), self.rows_emitted)
+            self.n_finished += 1
+
+    def _write_request(self, row: tuple, t_finish: int, step: int) -> None:
+        idx, rid, arrival, prompt, output, max_tokens, preemptions, reason = row
+        tr = self.req_track.pop(idx, None) or [-1, -1, -1, -1, -1, 0]
+        if tr[3] == -2:
+            tr[3], tr[4] = t_finish, step
+        arrival_ns = int(arrival * 1e9) - self.wall_minus_mono_ns if arrival else -1
+        self.requests.append_row(idx, rid, arrival_ns, tr[0], tr[1], tr[3], t_finish,
+                                 tr[2], tr[4], step, prompt, tr[5], output,
+                                 max_tokens if max_tokens is not None else -1,
+                                 preemptions, reason)
+
+    # -------------------------------------------------------------- block pool
+    def before_free_request_blocks(self, request) -> None:
+        self.current_req = self.req_index.get(request.request_id, -1)
+
+    def after_get_new_blocks(self, blocks: list) -> None:
+        n = len(blocks)
+        self.n_alloc += n
+        if self.block_events_on and n:
+            ev = self.blocks
+            ev.step.extend(_repeat(self.rows_emitted, n))
+            ev.kind.extend(_repeat(S.BLOCK_ALLOC, n))
+            ev.req.extend(_repeat(self.current_req, n))
+            ev.block_id.extend([b.block_id for b in blocks])
+
+    def before_touch(self, blocks) -> tuple:
+        ids = None
+        if self.block_events_on:
+            ids = [b.block_id for b in blocks if b.ref_cnt == 0 and not b.is_null]
+        return self.pool.get_num_free_blocks(), ids
+
+    def after_touch(self, token: tuple) -> None:
+        free_before, ids = token
+        self.n_revived += free_before - self.pool.get_num_free_blocks()
+        if ids:
+            self._block_events(S.BLOCK_REVIVE, ids)
+
+    def after_free_blocks(self, free_before: int, blocks: list) -> None:
+        self.n_freed += self.pool.get_num_free_blocks() - free_before
+        if self.block_events_on:
+            ids = [b.block_id for b in blocks if b.ref_cnt == 0 and not b.is_null]
+            if ids:
+                self._block_events(S.BLOCK_FREE, ids)
+
+    def on_evicted(self, block) -> None:
+        self.n_evicted += 1
+        if self.block_events_on:
+            self._block_events(S.BLOCK_EVICT, [block.block_id])
+
+    def _block_events(self, kind: int, ids: list) -> None:
+        n = len(ids)
+        ev = self.blocks
+        ev.step.extend(_repeat(self.rows_emitted, n))
+        ev.kind.extend(_repeat(kind, n))
+        ev.req.extend(_repeat(self.current_req, n))
+        ev.block_id.extend(ids)
+
+    # ---------------------------------------------------------------- closing
+    def unfinished_rows(self) -> None:
+        """Requests still in the engine when tracing stops get a row with finish -1."""
+        for rid, req in list(self.scheduler.requests.items()):
+            idx = self.req_index.get(rid)
+            if idx is None or idx not in self.req_track:
+                continue
+            state = "running" if req in self.scheduler.running else "waiting"
+            row = (idx, rid, req.arrival_time, req.num_prompt_tokens, req.num_output_tokens,
+                   req.max_tokens, req.num_preemptions, state)
+            self._write_request(row, -1, -1)
+
+    def close(self, cut_short: str | None = None) -> dict:
+        if self.closed:
+            return {}
+        self.closed = True
+        try:
+            if cut_short is None:
+                self.unfinished_rows()
+            self.flush(force=True)
+        finally:
+            self.rss.close()
+        return self.session.close(cut_short, extra={
+            "steps": self.rows_emitted, "requests_seen": len(self.req_index),
+            "kv_blocks_used_at_start": self.kv_used_at_start})

@@ -1,0 +1,287 @@
+"""vLLM's ``vllm.general_plugins`` entry point: installs kvprof's hooks in every process.
+
+vLLM calls ``register()`` in the front end, in the EngineCore (before the
+scheduler and block pool exist) and in each worker (before the worker class is
+built). Hooks stay idle until a recorder is set: ``kvprof.trace()`` starts one
+through ``EngineCore.kvprof_start`` (a utility method added here), or the
+``KVPROF_TRACE`` environment variable starts one when the engine starts.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+
+from kvprof.errors import KvprofError
+from kvprof.hooks import compat
+from kvprof.hooks import state
+from kvprof.hooks.state import ProcessState, log, wrap_method
+
+ENV_TRACE = "KVPROF_TRACE"
+ENV_OVERWRITE = "KVPROF_OVERWRITE"
+ENV_DETAIL = "KVPROF_DETAIL"
+
+_installed = False
+_unsupported: str | None = None
+
+
+def register() -> None:
+    """Entry point; must never raise into vLLM."""
+    global _installed, _unsupported
+    if _installed or _unsupported:
+        return
+    try:
+        compat.check()
+        _install()
+        _installed = True
+    except KvprofError as exc:
+        _unsupported = str(exc)
+        if os.environ.get(ENV_TRACE):
+            log.warning("kvprof: %s", exc)
+    except Exception as exc:  # a vLLM we cannot even inspect
+        _unsupported = f"{type(exc).__name__}: {exc}"
+        log.warning("kvprof: hooks not installed (%s); the engine runs untraced", _unsupported)
+
+
+def status() -> dict:
+    return {"installed": _installed, "unsupported": _unsupported}
+
+
+# ------------------------------------------------------------------ the hooks
+def _install() -> None:
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.engine.core import EngineCore
+    from vllm.v1.worker.worker_base import WorkerWrapperBase
+
+    def tag_and_record(rec, t0, sched, so, *a, **k):
+        so.kvprof_step = rec.next_step
+        rec.after_schedule(t0, so)
+
+    wrap_method(Scheduler, "schedule", before=lambda rec, s, *a, **k: rec.before_schedule(),
+                after=tag_and_record)
+    wrap_method(Scheduler, "update_from_output",
+                before=lambda rec, s, *a, **k: rec.before_update(),
+                after=lambda rec, t2, s, res, so, *a, **k: rec.after_update(t2, so))
+    wrap_method(Scheduler, "add_request", before=lambda rec, s, req, *a, **k: rec.on_add_request(req))
+    wrap_method(Scheduler, "_preempt_request",
+                before=lambda rec, s, req, *a, **k: rec.before_preempt(req),
+                after=lambda rec, tok, s, res, *a, **k: rec.after_preempt(tok))
+    wrap_method(Scheduler, "_free_request", before=lambda rec, s, req, *a, **k: rec.on_free_request(req))
+    wrap_method(KVCacheManager, "free",
+                before=lambda rec, s, req, *a, **k: rec.before_free_request_blocks(req),
+                after=lambda rec, tok, s, *a, **k: setattr(rec, "current_req", -1))
+    wrap_method(KVCacheManager, "record_prefix_cache_stats",
+                before=lambda rec, s, req, hits, *a, **k: rec.on_prefix_hits(req, hits))
+    wrap_method(BlockPool, "get_new_blocks",
+                after=lambda rec, tok, s, blocks, *a, **k: rec.after_get_new_blocks(blocks))
+    wrap_method(BlockPool, "touch", before=lambda rec, s, blocks, *a, **k: rec.before_touch(blocks),
+                after=lambda rec, tok, s, *a, **k: rec.after_touch(tok))
+    _wrap_free_blocks(BlockPool)
+    wrap_method(BlockPool, "_maybe_evict_cached_block",
+                after=lambda rec, tok, s, evicted, block, *a, **k: evicted and rec.on_evicted(block))
+    _add_engine_core_methods(EngineCore)
+    _add_worker_methods(WorkerWrapperBase)
+    _install_env_start(Scheduler, WorkerWrapperBase)
+
+
+def _is_engine_recorder(rec) -> bool:
+    return hasattr(rec, "scheduler")
+
+
+def _wrap_free_blocks(BlockPool) -> None:
+    """``free_blocks`` may get a one-shot iterator: materialise it once, for both."""
+    original = BlockPool.free_blocks
+    if getattr(original, "__kvprof_original__", None) is not None:
+        return
+
+    def free_blocks(self, ordered_blocks, *args, **kwargs):
+        rec = ProcessState.recorder
+        if rec is None or not _is_engine_recorder(rec) or rec.pool is not self:
+            return original(self, ordered_blocks, *args, **kwargs)
+        try:
+            blocks = list(ordered_blocks)
+            free_before = self.get_num_free_blocks()
+        except Exception as exc:
+            ProcessState.fail("BlockPool.free_blocks", exc)
+            raise
+        result = original(self, blocks, *args, **kwargs)
+        try:
+            rec.after_free_blocks(free_before, blocks)
+        except Exception as exc:
+            ProcessState.fail("BlockPool.free_blocks", exc)
+        return result
+
+    free_blocks.__kvprof_original__ = original
+    BlockPool.free_blocks = free_blocks
+
+
+# --------------------------------------------------------- EngineCore control
+def _add_engine_core_methods(EngineCore) -> None:
+    """Methods reachable with ``engine_core.call_utility("kvprof_start", ...)``."""
+
+    def kvprof_start(self, path: str, options: dict) -> dict:
+        return start_engine_recorder(self.scheduler, path, options, executor=self.model_executor)
+
+    def kvprof_stop(self) -> dict:
+        return stop_engine_recorder(executor=self.model_executor)
+
+    def kvprof_status(self) -> dict:
+        rec = ProcessState.recorder
+        return {**status(), "tracing": rec is not None, "pid": os.getpid(),
+                "steps": getattr(rec, "rows_emitted", 0),
+                "warnings_emitted": ProcessState.warnings_emitted}
+
+    EngineCore.kvprof_start = kvprof_start
+    EngineCore.kvprof_stop = kvprof_stop
+    EngineCore.kvprof_status = kvprof_status
+    wrap_method(EngineCore, "shutdown", before=lambda rec, s, *a, **k: stop_engine_recorder(s.model_executor))
+
+
+def start_engine_recorder(scheduler, path: str, options: dict, executor=None) -> dict:
+    from kvprof.hooks.engine import EngineRecorder, Options
+    from kvprof.hooks.metadata import run_metadata
+
+    if ProcessState.recorder is not None:
+        raise RuntimeError("kvprof is already tracing this engine")
+    opts = Options(**options)
+    state.FAULT_POINT = opts.fault_point or os.environ.get("KVPROF_FAULT") or None
+    run = run_metadata(scheduler, opts)
+    if executor is not None:
+        executor.collective_rpc("kvprof_worker_start", args=(path, opts.to_dict()))
+    ProcessState.recorder = EngineRecorder(scheduler, path, opts, run)
+    ProcessState.warned = False
+    return {"pid": os.getpid(), "path": path}
+
+
+def stop_engine_recorder(executor=None) -> dict:
+    rec, ProcessState.recorder = ProcessState.recorder, None
+    end = rec.close() if rec is not None else {}
+    if executor is not None:
+        try:
+            executor.collective_rpc("kvprof_worker_stop", timeout=30)
+        except Exception as exc:
+            log.warning("kvprof: could not stop worker tracing: %s", exc)
+    return end
+
+
+# ----------------------------------------------------------- worker control
+def _add_worker_methods(WorkerWrapperBase) -> None:
+    def kvprof_worker_start(self, path: str, options: dict) -> int:
+        from kvprof.hooks.worker import WorkerRecorder
+        state.FAULT_POINT = options.get("fault_point") or os.environ.get("KVPROF_FAULT") or None
+        if _worker_recorder() is None:
+            ProcessState.worker_recorder = WorkerRecorder(self, path, options)
+        return os.getpid()
+
+    def kvprof_worker_stop(self) -> dict:
+        rec, ProcessState.worker_recorder = _worker_recorder(), None
+        return rec.close() if rec is not None else {}
+
+    WorkerWrapperBase.kvprof_worker_start = kvprof_worker_start
+    WorkerWrapperBase.kvprof_worker_stop = kvprof_worker_stop
+    _wrap_forward(WorkerWrapperBase)
+
+
+def _worker_recorder():
+    return ProcessState.worker_recorder
+
+
+def _wrap_forward(WorkerWrapperBase) -> None:
+    """Time ``execute_model`` and, where vLLM calls it, the separate ``sample_tokens``."""
+    execute = WorkerWrapperBase.execute_model
+    if getattr(execute, "__kvprof_original__", None) is not None:
+        return
+
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        rec = _worker_recorder()
+        if rec is None:
+            _maybe_env_start_worker(self)
+            rec = _worker_recorder()
+            if rec is None:
+                return execute(self, scheduler_output, *args, **kwargs)
+        try:
+            if state.FAULT_POINT == "WorkerWrapperBase.execute_model":
+                raise state.InjectedFault("WorkerWrapperBase.execute_model")
+            token = rec.before_forward(scheduler_output)
+        except Exception as exc:
+            _fail_worker("WorkerWrapperBase.execute_model", exc)
+            return execute(self, scheduler_output, *args, **kwargs)
+        result = execute(self, scheduler_output, *args, **kwargs)
+        try:
+            rec.after_forward(token)
+        except Exception as exc:
+            _fail_worker("WorkerWrapperBase.execute_model", exc)
+        return result
+
+    def sample_tokens(self, *args, **kwargs):
+        result = self.worker.sample_tokens(*args, **kwargs)
+        rec = _worker_recorder()
+        if rec is not None:
+            try:
+                rec.after_sample()
+            except Exception as exc:
+                _fail_worker("WorkerWrapperBase.sample_tokens", exc)
+        return result
+
+    execute_model.__kvprof_original__ = execute
+    WorkerWrapperBase.execute_model = execute_model
+    if "sample_tokens" not in WorkerWrapperBase.__dict__:
+        WorkerWrapperBase.sample_tokens = sample_tokens
+
+
+def _fail_worker(where: str, exc: BaseException) -> None:
+    rec, ProcessState.worker_recorder = _worker_recorder(), None
+    if rec is not None:
+        log.warning("kvprof: worker tracing turned off after an error in %s: %s: %s",
+                    where, type(exc).__name__, exc)
+        try:
+            rec.close(cut_short=f"hook {where} failed: {type(exc).__name__}: {exc}")
+        except Exception:
+            pass
+
+
+# ------------------------------------------------- KVPROF_TRACE: no code change
+def _install_env_start(Scheduler, WorkerWrapperBase) -> None:
+    if not os.environ.get(ENV_TRACE):
+        return
+    original_init = Scheduler.__init__
+
+    def __init__(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        _env_start_engine(self)
+
+    Scheduler.__init__ = __init__
+
+
+def _env_options() -> dict:
+    return {"detail": os.environ.get(ENV_DETAIL, "blocks")}
+
+
+def _env_start_engine(scheduler) -> None:
+    from kvprof.recorder.session import prepare_target
+    path = os.environ[ENV_TRACE]
+    try:
+        prepare_target(path, overwrite=os.environ.get(ENV_OVERWRITE) == "1")
+        start_engine_recorder(scheduler, path, _env_options())
+        atexit.register(stop_engine_recorder)
+    except Exception as exc:
+        log.warning("kvprof: KVPROF_TRACE=%s not recorded: %s", path, exc)
+
+
+_env_worker_tried = False
+
+
+def _maybe_env_start_worker(wrapper) -> None:
+    """Workers start recording lazily, after the EngineCore has prepared the files."""
+    global _env_worker_tried
+    if _env_worker_tried or not os.environ.get(ENV_TRACE):
+        return
+    _env_worker_tried = True
+    from kvprof.hooks.worker import WorkerRecorder
+    try:
+        ProcessState.worker_recorder = WorkerRecorder(wrapper, os.environ[ENV_TRACE], _env_options())
+        atexit.register(lambda: ProcessState.worker_recorder and ProcessState.worker_recorder.close())
+    except Exception as exc:
+        logging.getLogger("kvprof").warning("kvprof: worker not traced: %s", exc)

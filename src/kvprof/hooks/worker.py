@@ -1,0 +1,109 @@
+"""Worker-side recording: how long each step's forward took, and memory readings.
+
+Hooked at ``WorkerWrapperBase`` so it is the same for every model runner (V1 and
+V2, CPU and GPU). On CUDA a pair of events is recorded on the current stream and
+resolved later with ``query()``; the worker never synchronises for kvprof.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from kvprof.format import schema as S
+from kvprof.recorder.columns import ColumnBuffer
+from kvprof.recorder.memory import GpuReader, RssReader
+from kvprof.recorder.session import TraceSession, parts_dir
+
+_now = time.monotonic_ns
+
+
+def _cuda_events():
+    try:
+        import torch
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            return torch.cuda.Event
+    except Exception:
+        pass
+    return None
+
+
+class WorkerRecorder:
+    """Forward timings of one worker process into ``forward-<rank>.arrow``."""
+
+    def __init__(self, wrapper, path: str, options: dict):
+        self.rank = int(getattr(wrapper, "rpc_rank", 0))
+        run = {"worker": worker_metadata(wrapper), "options": options}
+        file_path = os.path.join(parts_dir(path), S.forward_file(self.rank))
+        self.session = TraceSession(path, {"forward": file_path}, f"worker-{self.rank}", run)
+        self.rows = ColumnBuffer("forward", S.FORWARD)
+        self.rss = RssReader()
+        self.gpu = GpuReader()
+        self.event_cls = _cuda_events()
+        self.pending: list[tuple] = []   # (row index, start event, end event)
+        self.flush_interval_ns = int(float(options.get("flush_interval_s", 0.25)) * 1e9)
+        self.last_flush_ns = _now()
+        self.closed = False
+
+    def before_forward(self, scheduler_output) -> tuple:
+        start = None
+        if self.event_cls is not None:
+            start = self.event_cls(enable_timing=True)
+            start.record()
+        return getattr(scheduler_output, "kvprof_step", -1), _now(), start
+
+    def after_forward(self, token: tuple) -> None:
+        step, t0, start = token
+        t1 = _now()
+        rows = self.rows
+        if start is not None:
+            end = self.event_cls(enable_timing=True)
+            end.record()
+            self.pending.append((len(rows), start, end))
+        rows.append_row(step, self.rank, t0, t1, None, self.rss.read(), *self.gpu.read())
+        self._resolve_events()
+        if t1 - self.last_flush_ns >= self.flush_interval_ns:
+            self.flush()
+
+    def after_sample(self) -> None:
+        """Sampling ran as a separate call: the step's forward ends now."""
+        if len(self.rows):
+            self.rows.t_end_ns[-1] = _now()
+
+    def _resolve_events(self) -> None:
+        while self.pending and self.pending[0][2].query():
+            pos, start, end = self.pending.pop(0)
+            self.rows.device_ns[pos] = int(start.elapsed_time(end) * 1e6)
+
+    def flush(self) -> None:
+        self.last_flush_ns = _now()
+        self._resolve_events()
+        self.pending.clear()   # unresolved device times stay null
+        n = len(self.rows)
+        if n:
+            self.session.writer.submit("forward", self.rows.fields, self.rows.swap(), n)
+
+    def close(self, cut_short: str | None = None) -> dict:
+        if self.closed:
+            return {}
+        self.closed = True
+        try:
+            self.flush()
+        finally:
+            self.rss.close()
+        return self.session.close(cut_short)
+
+
+def worker_metadata(wrapper) -> dict:
+    """Weights and device facts of this worker, where they can be read."""
+    meta: dict = {"pid": os.getpid(), "rank": int(getattr(wrapper, "rpc_rank", 0))}
+    try:
+        import torch
+        meta["torch"] = torch.__version__
+        meta["cuda"] = bool(torch.cuda.is_available())
+        if meta["cuda"]:
+            meta["device_name"] = torch.cuda.get_device_name()
+        model = wrapper.worker.model_runner.model
+        meta["weights_bytes"] = int(sum(p.numel() * p.element_size() for p in model.parameters()))
+    except Exception:
+        pass
+    return meta

@@ -1,0 +1,75 @@
+"""Opening a trace's files in one process and closing them with an end record."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from kvprof.format import schema
+from kvprof.recorder.writer import StreamSet, TraceWriter, write_end_record
+
+
+def parts_dir(path: str) -> str:
+    return path + schema.PARTS_SUFFIX
+
+
+def end_record_path(path: str, writer: str) -> str:
+    return os.path.join(parts_dir(path), f"end-{writer}.json")
+
+
+class TraceSession:
+    """The streams one process writes, their writer thread, and how they end."""
+
+    def __init__(self, path: str, tables: dict[str, str], writer: str, run: dict,
+                 max_pending: int = 64):
+        self.path = path
+        self.writer_name = writer
+        self.started_ns = time.monotonic_ns()
+        run_json = json.dumps(run, sort_keys=True, default=str)
+        streams = StreamSet()
+        for table, file_path in tables.items():
+            streams.open(table, file_path, schema.schema_for(table, writer=writer, run_json=run_json))
+        self.writer = TraceWriter(streams, max_pending=max_pending)
+        self.closed = False
+
+    def close(self, cut_short: str | None = None, extra: dict | None = None) -> dict:
+        if self.closed:
+            return {}
+        self.closed = True
+        stats = self.writer.close()
+        record = {
+            "writer": self.writer_name,
+            "pid": os.getpid(),
+            "complete": cut_short is None and stats.error is None,
+            "cut_short": cut_short or stats.error,
+            "rows_written": stats.rows_written,
+            "rows_dropped": stats.rows_dropped,
+            "started_ns": self.started_ns,
+            "stopped_ns": time.monotonic_ns(),
+            **(extra or {}),
+        }
+        try:
+            write_end_record(end_record_path(self.path, self.writer_name), record)
+        except OSError:
+            pass
+        return record
+
+
+def prepare_target(path: str, overwrite: bool) -> None:
+    """Fail early and clearly if the trace cannot be written at ``path``."""
+    from kvprof.errors import TraceTargetError
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise TraceTargetError(f"cannot write trace {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise TraceTargetError(f"cannot write trace {path}: folder {folder} is not writable")
+    if os.path.exists(path) and not overwrite:
+        raise TraceTargetError(f"trace {path} exists; pass overwrite=True to replace it")
+    if os.path.exists(path):
+        os.remove(path)
+    parts = parts_dir(path)
+    if os.path.isdir(parts):
+        for name in os.listdir(parts):
+            os.remove(os.path.join(parts, name))
+    os.makedirs(parts, exist_ok=True)

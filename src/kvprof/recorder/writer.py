@@ -1,0 +1,119 @@
+"""The writer thread: turns swapped column buffers into compressed Arrow IPC streams.
+
+The engine thread never waits on it: batches go through a bounded queue with
+``put_nowait``; when the queue is full the batch is dropped and counted, and the
+count is written into the trace's end record. Each stream is flushed after
+every batch, so a ``kill -9`` loses at most what had not yet been handed over.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from kvprof.recorder.columns import to_record_batch
+
+_STOP = object()
+
+
+@dataclass
+class WriterStats:
+    batches_written: int = 0
+    rows_written: dict[str, int] = field(default_factory=dict)
+    rows_dropped: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+
+
+class StreamSet:
+    """Open Arrow IPC stream writers, one per table, in one process."""
+
+    def __init__(self):
+        self._writers: dict[str, tuple[ipc.RecordBatchStreamWriter, pa.NativeFile]] = {}
+
+    def open(self, table: str, path: str, schema: pa.Schema) -> None:
+        sink = pa.OSFile(path, "wb")
+        options = ipc.IpcWriteOptions(compression="zstd")
+        writer = ipc.new_stream(sink, schema, options=options)
+        # A zero-row batch forces the schema (and its format version) onto disk now,
+        # so a process killed before its first flush still leaves a readable stream.
+        writer.write_batch(pa.RecordBatch.from_pylist([], schema=schema))
+        sink.flush()
+        self._writers[table] = (writer, sink)
+
+    def write(self, table: str, batch: pa.RecordBatch) -> None:
+        writer, sink = self._writers[table]
+        writer.write_batch(batch)
+        sink.flush()
+
+    def close(self) -> None:
+        for writer, sink in self._writers.values():
+            try:
+                writer.close()
+            finally:
+                sink.close()
+        self._writers.clear()
+
+
+class TraceWriter:
+    """A daemon thread draining a bounded queue of (table, fields, columns)."""
+
+    def __init__(self, streams: StreamSet, max_pending: int = 64):
+        self.streams = streams
+        self.stats = WriterStats()
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._thread = threading.Thread(target=self._run, name="kvprof-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, table: str, fields: list[pa.Field], columns: list, rows: int) -> bool:
+        """Hand a batch over without waiting; False (and counted) when it was dropped."""
+        if rows == 0:
+            return True
+        if self.stats.error is None:
+            try:
+                self._queue.put_nowait((table, fields, columns, rows))
+                return True
+            except queue.Full:
+                pass
+        self.stats.rows_dropped[table] = self.stats.rows_dropped.get(table, 0) + rows
+        return False
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            table, fields, columns, rows = item
+            if self.stats.error is not None:
+                self.stats.rows_dropped[table] = self.stats.rows_dropped.get(table, 0) + rows
+                continue
+            try:
+                self.streams.write(table, to_record_batch(fields, columns))
+            except Exception as exc:  # a full disk, a closed file: stop writing, count the rest
+                self.stats.error = f"{type(exc).__name__}: {exc}"
+                self.stats.rows_dropped[table] = self.stats.rows_dropped.get(table, 0) + rows
+                continue
+            self.stats.batches_written += 1
+            self.stats.rows_written[table] = self.stats.rows_written.get(table, 0) + rows
+
+    def close(self, timeout: float = 30.0) -> WriterStats:
+        """Write what is queued, then close every stream."""
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+        try:
+            self.streams.close()
+        except Exception as exc:
+            self.stats.error = self.stats.error or f"{type(exc).__name__}: {exc}"
+        return self.stats
+
+
+def write_end_record(path: str, record: dict) -> None:
+    """The end record says how the trace ended; its absence means the writer died."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)

@@ -1,0 +1,93 @@
+"""Whole-process routes: KVPROF_TRACE with no code change, AsyncLLM, and kill -9 mid-run."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import kvprof
+from kvprof.errors import TraceFormatError
+
+pytestmark = pytest.mark.engine
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def _run(args, env=None, timeout=300):
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_env_variable_traces_without_code_change(tmp_path):
+    path = tmp_path / "env.arrow"
+    proc = _run([EXAMPLES / "trace_llm.py", "--prompts", "12", "--max-tokens", "8"],
+                env={"KVPROF_TRACE": str(path)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    trace = kvprof.open_trace(path)
+    req = trace["requests"].to_pandas()
+    assert len(req) == 12 and (req.output_tokens == 8).all()
+    assert trace["forward"].num_rows >= trace["steps"].num_rows > 0
+
+
+def test_async_llm_example(tmp_path):
+    path = tmp_path / "async.arrow"
+    proc = _run([EXAMPLES / "trace_async.py", path, "--requests", "40", "--max-tokens", "12"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "40 requests, 480 tokens" in proc.stdout
+    trace = kvprof.open_trace(path)
+    assert trace.complete
+    req = trace["requests"].to_pandas()
+    assert len(req) == 40 and (req.output_tokens == 12).all()
+    assert sorted(r.rsplit("-", 1)[0] for r in req.request_id) == sorted(f"req-{i}" for i in range(40))
+
+
+def test_kill_9_of_engine_core_leaves_a_readable_trace(tmp_path):
+    path = tmp_path / "killed.arrow"
+    log = tmp_path / "stdout.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, str(EXAMPLES / "trace_llm.py"), str(path), "--print-pid",
+             "--prompts", "400", "--max-tokens", "256"],
+            stdout=out, stderr=subprocess.DEVNULL, text=True)
+    try:
+        pid = _wait_for_pid(log, timeout=240)
+        _wait_for_steps(path, 20, timeout=120)
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(1.0)
+        on_disk = kvprof.open_trace(path)["steps"].num_rows
+    finally:
+        proc.kill()
+        proc.wait(60)
+    trace = kvprof.open_trace(path)
+    assert trace["steps"].num_rows == on_disk >= 20
+    assert trace["requests"].num_rows >= 0 and trace["request_steps"].num_rows > 0
+    assert not trace.complete
+    assert any("no end record" in w for w in trace.warnings)
+
+
+def _wait_for_pid(log, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in log.read_text().splitlines():
+            if line.startswith("ENGINE_CORE_PID"):
+                return int(line.split()[1])
+        time.sleep(0.5)
+    raise AssertionError("the example never printed the EngineCore pid")
+
+
+def _wait_for_steps(path, n, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            rows = kvprof.open_trace(path)["steps"].num_rows
+            if rows >= n:
+                return rows
+        except TraceFormatError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"trace never reached {n} steps")
