@@ -73,6 +73,7 @@ STEPS = _fields(
     ("preempted_tokens", _i32),       # computed tokens thrown away by those preemptions
     ("finished", _i32),               # requests that finished in this step
     ("rss_bytes", _i64),              # EngineCore process RSS (sampled, carried forward)
+    ("hook_ns", _i32),                # kvprof's own time in EngineCore hooks in this step
 )
 
 REQUEST_STEPS = _fields(
@@ -131,6 +132,7 @@ FORWARD = [
     pa.field("t_end_ns", _i64, nullable=False),
     pa.field("device_ns", _i64, nullable=True),       # CUDA events; null on CPU
     pa.field("rss_bytes", _i64, nullable=False),      # worker process RSS
+    pa.field("hook_ns", _i32, nullable=False),        # kvprof's own time in the worker hook
     pa.field("gpu_used_bytes", _i64, nullable=True),  # NVML device memory in use
     pa.field("torch_allocated_bytes", _i64, nullable=True),
     pa.field("torch_reserved_bytes", _i64, nullable=True),

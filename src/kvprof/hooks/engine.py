@@ -75,6 +75,7 @@ class EngineRecorder:
         self.current_req = -1
         self.attr_from = 0
         self.last_flush_ns = _now()
+        self.hook_ns = 0            # kvprof's own time in hooks since the last step row
         self.kv_used_at_start = self.kv_used()
         self._zero_counters()
         self.closed = False
@@ -216,7 +217,9 @@ class EngineRecorder:
             counts[S.PHASE_RESUMED], total - decode_tokens, decode_tokens, total,
             pool.num_gpu_blocks - 1 - free, free, len(pool.cached_block_hash_to_block),
             self.n_alloc, self.n_freed, self.n_revived, self.n_evicted, self.n_prefix_hits,
-            self.n_preempt, self.n_preempt_tokens, self.n_finished, self.rss_value)
+            self.n_preempt, self.n_preempt_tokens, self.n_finished, self.rss_value,
+            min(self.hook_ns + _now() - t3, 2**31 - 1))
+        self.hook_ns = -(_now() - t3)   # the rest of this hook is counted by its wrapper
         self.rows_emitted += 1
         self._zero_counters()
         self.flush()

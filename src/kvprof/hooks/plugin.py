@@ -11,12 +11,14 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import time
 
 from kvprof.errors import KvprofError
 from kvprof.hooks import compat
 from kvprof.hooks import state
 from kvprof.hooks.state import ProcessState, log, wrap_method
 
+_clock = time.perf_counter_ns
 ENV_TRACE = "KVPROF_TRACE"
 ENV_OVERWRITE = "KVPROF_OVERWRITE"
 ENV_DETAIL = "KVPROF_DETAIL"
@@ -100,17 +102,19 @@ def _wrap_free_blocks(BlockPool) -> None:
         rec = ProcessState.recorder
         if rec is None or not _is_engine_recorder(rec) or rec.pool is not self:
             return original(self, ordered_blocks, *args, **kwargs)
-        try:
-            blocks = list(ordered_blocks)
-            free_before = self.get_num_free_blocks()
-        except Exception as exc:
-            ProcessState.fail("BlockPool.free_blocks", exc)
-            raise
+        t = _clock()
+        blocks = list(ordered_blocks)   # a one-shot iterator, materialised once for both
+        free_before = self.get_num_free_blocks()
+        rec.hook_ns += _clock() - t
         result = original(self, blocks, *args, **kwargs)
+        t = _clock()
         try:
+            if state.FAULT_POINT == "BlockPool.free_blocks":
+                raise state.InjectedFault("BlockPool.free_blocks")
             rec.after_free_blocks(free_before, blocks)
         except Exception as exc:
             ProcessState.fail("BlockPool.free_blocks", exc)
+        rec.hook_ns += _clock() - t
         return result
 
     free_blocks.__kvprof_original__ = original
@@ -160,7 +164,7 @@ def stop_engine_recorder(executor=None) -> dict:
     end = rec.close() if rec is not None else {}
     if executor is not None:
         try:
-            executor.collective_rpc("kvprof_worker_stop", timeout=30)
+            end = {**end, "workers": executor.collective_rpc("kvprof_worker_stop", timeout=30)}
         except Exception as exc:
             log.warning("kvprof: could not stop worker tracing: %s", exc)
     return end

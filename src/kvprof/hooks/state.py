@@ -9,8 +9,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 
 log = logging.getLogger("kvprof")
+_clock = time.perf_counter_ns
 
 # Set KVPROF_FAULT=<hook name> to make that hook raise (fault-injection tests).
 FAULT_POINT = os.environ.get("KVPROF_FAULT") or None
@@ -59,6 +61,7 @@ def wrap_method(cls: type, name: str, *, before=None, after=None, hook_name: str
             return original(self, *args, **kwargs)
         token = None
         if before is not None:
+            t = _clock()
             try:
                 if FAULT_POINT == where:
                     raise InjectedFault(where)
@@ -66,14 +69,17 @@ def wrap_method(cls: type, name: str, *, before=None, after=None, hook_name: str
             except Exception as exc:
                 state.fail(where, exc)
                 return original(self, *args, **kwargs)
+            rec.hook_ns += _clock() - t
         result = original(self, *args, **kwargs)
         if after is not None and state.recorder is rec:
+            t = _clock()
             try:
                 if FAULT_POINT == where and before is None:
                     raise InjectedFault(where)
                 after(rec, token, self, result, *args, **kwargs)
             except Exception as exc:
                 state.fail(where, exc)
+            rec.hook_ns += _clock() - t
         return result
 
     wrapper.__kvprof_original__ = original

@@ -45,21 +45,25 @@ class WorkerRecorder:
         self.closed = False
 
     def before_forward(self, scheduler_output) -> tuple:
+        entered = _now()
         start = None
         if self.event_cls is not None:
             start = self.event_cls(enable_timing=True)
             start.record()
-        return getattr(scheduler_output, "kvprof_step", -1), _now(), start
+        t0 = _now()
+        return getattr(scheduler_output, "kvprof_step", -1), t0, start, t0 - entered
 
     def after_forward(self, token: tuple) -> None:
-        step, t0, start = token
+        step, t0, start, before_cost = token
         t1 = _now()
         rows = self.rows
         if start is not None:
             end = self.event_cls(enable_timing=True)
             end.record()
             self.pending.append((len(rows), start, end))
-        rows.append_row(step, self.rank, t0, t1, None, self.rss.read(), *self.gpu.read())
+        rss = self.rss.read()
+        gpu = self.gpu.read()
+        rows.append_row(step, self.rank, t0, t1, None, rss, before_cost + _now() - t1, *gpu)
         self._resolve_events()
         if t1 - self.last_flush_ns >= self.flush_interval_ns:
             self.flush()
