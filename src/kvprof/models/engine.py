@@ -40,6 +40,9 @@ def engine_kwargs(*, max_num_seqs: int = 64, num_kv_blocks: int | None = None,
         kwargs["max_num_batched_tokens"] = max_num_batched_tokens
     if num_kv_blocks is not None:
         kwargs["num_gpu_blocks_override"] = num_kv_blocks
+        # vLLM refuses a pool that cannot hold one request of max_model_len.
+        block_size = 16 if _has_cuda() else 128
+        kwargs["max_model_len"] = min(4096, (num_kv_blocks - 1) * block_size)
     if not _has_cuda():
         kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
     kwargs.update(overrides)
