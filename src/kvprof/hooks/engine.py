@@ -13,7 +13,7 @@ import os
 import time
 
 from kvprof.format import schema as S
-from kvprof.recorder.columns import ColumnBuffer
+from kvprof.recorder.columns import ColumnBuffer, RowBuffer
 from kvprof.recorder.memory import RssReader
 from kvprof.recorder.session import TraceSession, parts_dir
 
@@ -54,7 +54,10 @@ class EngineRecorder:
         for table, name in S.PART_FILES.items():
             tables[table] = os.path.join(parts_dir(path), name)
         self.session = TraceSession(path, tables, "engine_core", run)
+        self.req_index: dict[str, int] = {}
         self.buffers = {t: ColumnBuffer(t, S.TABLES[t]) for t in tables}
+        self.buffers["steps"] = RowBuffer("steps", S.STEPS)
+        self.buffers["request_steps"] = RequestStepBuffer(self.req_index)
         self.steps = self.buffers["steps"]
         self.req_steps = self.buffers["request_steps"]
         self.requests = self.buffers["requests"]
@@ -64,7 +67,6 @@ class EngineRecorder:
         self.rss = RssReader()
         self.rss_value = self.rss.read()
         self.wall_minus_mono_ns = time.time_ns() - _now()
-        self.req_index: dict[str, int] = {}
         self.req_track: dict[int, list] = {}   # idx -> [queued, first_sched, first_sched_step, ftok, ftok_step, cached]
         self.awaiting_first_token: dict[str, int] = {}
         self.in_flight: dict[int, tuple] = {}  # id(scheduler_output) -> (step, t0, t1, counts...)
@@ -103,9 +105,9 @@ class EngineRecorder:
         self.last_flush_ns = now
         submit = self.session.writer.submit
         for buf in self.buffers.values():
-            rows = len(buf)
-            if rows:
-                submit(buf.table, buf.fields, buf.swap(), rows)
+            if len(buf):
+                builder, rows = buf.take()
+                submit(buf.table, builder, rows)
 
     # --------------------------------------------------------------- scheduler
     def on_add_request(self, request) -> None:
@@ -119,58 +121,67 @@ class EngineRecorder:
         return _now()
 
     def after_schedule(self, t0: int, so) -> None:
+        """O(1) per running request: the output's own lists are kept, expanded later."""
         t1 = _now()
         step = self.next_step
         self.next_step += 1
         nst = so.num_scheduled_tokens
-        index_of = self.index_of
-        rs = self.req_steps
-        counts = [0, 0, 0, 0]
-        decode_tokens = 0
-        track = self.req_track
-        for nr in so.scheduled_new_reqs:
+        new_reqs = so.scheduled_new_reqs
+        prefill_tokens = 0
+        if new_reqs:
+            prefill_tokens = self._new_request_rows(step, t0, new_reqs, nst)
+        cr = so.scheduled_cached_reqs
+        ids = cr.req_ids
+        n = len(ids)
+        n_chunked = n_resumed = 0
+        if n:
+            self.req_steps.add_cached(step, ids, cr.num_output_tokens, cr.num_computed_tokens,
+                                      cr.new_block_ids, cr.resumed_req_ids, nst)
+            n_chunked = cr.num_output_tokens.count(0)
+            if cr.resumed_req_ids or n_chunked:
+                n_chunked, n_resumed, other = self._slow_phase_counts(cr, nst)
+                prefill_tokens += other
+        if self.block_events_on and len(self.blocks) > self.attr_from:
+            self._attribute_allocations(so)
+        sched = self.scheduler
+        total = so.total_num_scheduled_tokens
+        counts = (len(new_reqs), n_chunked, n - n_chunked - n_resumed, n_resumed)
+        self.in_flight[id(so)] = (step, t0, t1, len(sched.running), len(sched.waiting),
+                                  counts, total - prefill_tokens)
+
+    def _new_request_rows(self, step: int, t0: int, new_reqs, nst) -> int:
+        rows = []
+        tokens = 0
+        for nr in new_reqs:
             rid = nr.req_id
-            idx = index_of(rid)
-            tr = track[idx]
+            idx = self.index_of(rid)
+            tr = self.req_track[idx]
             if tr[1] < 0:
                 tr[1], tr[2] = t0, step
             if tr[3] < 0:
                 self.awaiting_first_token[rid] = idx
             blocks = nr.block_ids
-            rs.append_row(step, idx, S.PHASE_PREFILL, nst[rid], nr.num_computed_tokens,
-                          len(blocks[0]) if blocks else 0)
-        counts[S.PHASE_PREFILL] = len(so.scheduled_new_reqs)
-        cr = so.scheduled_cached_reqs
-        ids = cr.req_ids
-        n = len(ids)
-        if n:
-            idxs = list(map(index_of, ids))
-            toks = list(map(nst.__getitem__, ids))
-            outs = cr.num_output_tokens
-            phases = [S.PHASE_DECODE if o else S.PHASE_CHUNKED for o in outs]
-            if cr.resumed_req_ids:
-                for i, rid in enumerate(ids):
-                    if rid in cr.resumed_req_ids:
-                        phases[i] = S.PHASE_RESUMED
-                        if track[idxs[i]][3] < 0:
-                            self.awaiting_first_token[rid] = idxs[i]
-            rs.step.extend(_repeat(step, n))
-            rs.req.extend(idxs)
-            rs.phase.extend(phases)
-            rs.tokens.extend(toks)
-            rs.computed.extend(cr.num_computed_tokens)
-            rs.new_blocks.extend([len(b[0]) if b else 0 for b in cr.new_block_ids])
-            n_decode = phases.count(S.PHASE_DECODE)
-            counts[S.PHASE_DECODE] = n_decode
-            counts[S.PHASE_RESUMED] = phases.count(S.PHASE_RESUMED)
-            counts[S.PHASE_CHUNKED] = n - n_decode - counts[S.PHASE_RESUMED]
-            decode_tokens = sum(toks) if n_decode == n else sum(
-                t for t, p in zip(toks, phases) if p == S.PHASE_DECODE)
-        if self.block_events_on and len(self.blocks) > self.attr_from:
-            self._attribute_allocations(so)
-        sched = self.scheduler
-        self.in_flight[id(so)] = (step, t0, t1, len(sched.running), len(sched.waiting),
-                                  counts, decode_tokens)
+            n_tokens = nst[rid]
+            tokens += n_tokens
+            rows.append((step, idx, S.PHASE_PREFILL, n_tokens, nr.num_computed_tokens,
+                         len(blocks[0]) if blocks else 0))
+        self.req_steps.add_rows(rows)
+        return tokens
+
+    def _slow_phase_counts(self, cr, nst) -> tuple[int, int, int]:
+        """Chunked or resumed requests in the batch: count them one by one."""
+        chunked = resumed = tokens = 0
+        for rid, outs in zip(cr.req_ids, cr.num_output_tokens):
+            if rid in cr.resumed_req_ids:
+                resumed += 1
+                tokens += nst[rid]
+                idx = self.req_index[rid]
+                if self.req_track[idx][3] < 0:
+                    self.awaiting_first_token[rid] = idx
+            elif outs == 0:
+                chunked += 1
+                tokens += nst[rid]
+        return chunked, resumed, tokens
 
     def _attribute_allocations(self, so) -> None:
         """Allocations during schedule() are attributed to requests from the output."""
@@ -211,14 +222,13 @@ class EngineRecorder:
         if step % self.options.rss_every == 0:
             self.rss_value = self.rss.read()
         total = so.total_num_scheduled_tokens
-        self.steps.append_row(
+        self.steps.append((
             step, t0, t1, t2, t3, running, waiting,
-            counts[S.PHASE_PREFILL], counts[S.PHASE_CHUNKED], counts[S.PHASE_DECODE],
-            counts[S.PHASE_RESUMED], total - decode_tokens, decode_tokens, total,
+            counts[0], counts[1], counts[2], counts[3], total - decode_tokens, decode_tokens, total,
             pool.num_gpu_blocks - 1 - free, free, len(pool.cached_block_hash_to_block),
             self.n_alloc, self.n_freed, self.n_revived, self.n_evicted, self.n_prefix_hits,
             self.n_preempt, self.n_preempt_tokens, self.n_finished, self.rss_value,
-            min(self.hook_ns + _now() - t3, 2**31 - 1))
+            min(self.hook_ns + _now() - t3, 2**31 - 1)))
         self.hook_ns = -(_now() - t3)   # the rest of this hook is counted by its wrapper
         self.rows_emitted += 1
         self._zero_counters()
@@ -355,3 +365,72 @@ class EngineRecorder:
         return self.session.close(cut_short, extra={
             "steps": self.rows_emitted, "requests_seen": len(self.req_index),
             "kv_blocks_used_at_start": self.kv_used_at_start})
+
+
+class RequestStepBuffer:
+    """request_steps rows, kept as references to each step's scheduler-output lists.
+
+    vLLM builds those lists fresh every step and never mutates them afterwards, so
+    holding them until the next flush is safe; the writer thread expands them
+    into columns with NumPy, keeping per-request work off the engine thread.
+    """
+
+    table = "request_steps"
+    fields = S.REQUEST_STEPS
+
+    def __init__(self, req_index: dict[str, int]):
+        self.req_index = req_index
+        self.rows: list[tuple] = []      # explicit rows (new requests)
+        self.chunks: list[tuple] = []    # (step, ids, outs, computed, new_block_ids, resumed, nst)
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def add_rows(self, rows: list[tuple]) -> None:
+        self.rows.extend(rows)
+        self.count += len(rows)
+
+    def add_cached(self, step, ids, outs, computed, new_block_ids, resumed, nst) -> None:
+        self.chunks.append((step, ids, outs, computed, new_block_ids, resumed, nst))
+        self.count += len(ids)
+
+    def take(self):
+        rows, chunks, count = self.rows, self.chunks, self.count
+        self.rows, self.chunks, self.count = [], [], 0
+        return (lambda: expand_request_steps(rows, chunks, self.req_index)), count
+
+
+def _new_blocks_of(new_block_ids: list):
+    if new_block_ids.count(None) == len(new_block_ids):
+        return _repeat(0, len(new_block_ids))
+    return (len(b[0]) if b else 0 for b in new_block_ids)
+
+
+def expand_request_steps(rows: list[tuple], chunks: list[tuple], req_index: dict):
+    """Writer thread: rows and kept scheduler-output lists -> one RecordBatch, ordered by step."""
+    import numpy as np
+    import pyarrow as pa
+
+    chain = itertools.chain.from_iterable
+    n = sum(len(c[1]) for c in chunks)
+    step = np.repeat(np.array([c[0] for c in chunks], np.int32), [len(c[1]) for c in chunks])
+    req = np.fromiter(map(req_index.__getitem__, chain(c[1] for c in chunks)), np.int32, n)
+    outs = np.fromiter(chain(c[2] for c in chunks), np.int32, n)
+    tokens = np.fromiter(chain(map(c[6].__getitem__, c[1]) for c in chunks), np.int32, n)
+    computed = np.fromiter(chain(c[3] for c in chunks), np.int32, n)
+    new_blocks = np.fromiter(chain(_new_blocks_of(c[4]) for c in chunks), np.int16, n)
+    phase = np.where(outs == 0, S.PHASE_CHUNKED, S.PHASE_DECODE).astype(np.uint8)
+    offset = 0
+    for c in chunks:
+        if c[5]:
+            resumed = np.fromiter((r in c[5] for r in c[1]), bool, len(c[1]))
+            phase[offset:offset + len(c[1])][resumed] = S.PHASE_RESUMED
+        offset += len(c[1])
+    columns = [step, req, phase, tokens, computed, new_blocks]
+    if rows:
+        explicit = [np.array(col, dtype=ref.dtype) for col, ref in zip(zip(*rows), columns)]
+        columns = [np.concatenate([a, b]) for a, b in zip(explicit, columns)]
+        order = np.argsort(columns[0], kind="stable")
+        columns = [c[order] for c in columns]
+    return pa.RecordBatch.from_arrays([pa.array(c) for c in columns], schema=pa.schema(S.REQUEST_STEPS))

@@ -10,7 +10,7 @@ import os
 import time
 
 from kvprof.format import schema as S
-from kvprof.recorder.columns import ColumnBuffer
+from kvprof.recorder.columns import RowBuffer
 from kvprof.recorder.memory import GpuReader, RssReader
 from kvprof.recorder.session import TraceSession, parts_dir
 
@@ -35,8 +35,10 @@ class WorkerRecorder:
         run = {"worker": worker_metadata(wrapper), "options": options}
         file_path = os.path.join(parts_dir(path), S.forward_file(self.rank))
         self.session = TraceSession(path, {"forward": file_path}, f"worker-{self.rank}", run)
-        self.rows = ColumnBuffer("forward", S.FORWARD)
+        self.rows = RowBuffer("forward", S.FORWARD)
         self.rss = RssReader()
+        self.rss_every = max(1, int(options.get("rss_every", 8)))
+        self.rss_value = self.rss.read()
         self.gpu = GpuReader()
         self.event_cls = _cuda_events()
         self.pending: list[tuple] = []   # (row index, start event, end event)
@@ -61,30 +63,35 @@ class WorkerRecorder:
             end = self.event_cls(enable_timing=True)
             end.record()
             self.pending.append((len(rows), start, end))
-        rss = self.rss.read()
-        gpu = self.gpu.read()
-        rows.append_row(step, self.rank, t0, t1, None, rss, before_cost + _now() - t1, *gpu)
-        self._resolve_events()
+            self._resolve_events()
+        if len(rows) % self.rss_every == 0:
+            self.rss_value = self.rss.read()
+        rows.append((step, self.rank, t0, t1, None, self.rss_value,
+                     before_cost + _now() - t1, *self.gpu.read()))
         if t1 - self.last_flush_ns >= self.flush_interval_ns:
             self.flush()
 
     def after_sample(self) -> None:
         """Sampling ran as a separate call: the step's forward ends now."""
         if len(self.rows):
-            self.rows.t_end_ns[-1] = _now()
+            row = self.rows.rows[-1]
+            self.rows.rows[-1] = row[:3] + (_now(),) + row[4:]
 
     def _resolve_events(self) -> None:
+        rows = self.rows.rows
         while self.pending and self.pending[0][2].query():
             pos, start, end = self.pending.pop(0)
-            self.rows.device_ns[pos] = int(start.elapsed_time(end) * 1e6)
+            if pos < len(rows):
+                row = rows[pos]
+                rows[pos] = row[:4] + (int(start.elapsed_time(end) * 1e6),) + row[5:]
 
     def flush(self) -> None:
         self.last_flush_ns = _now()
         self._resolve_events()
         self.pending.clear()   # unresolved device times stay null
-        n = len(self.rows)
-        if n:
-            self.session.writer.submit("forward", self.rows.fields, self.rows.swap(), n)
+        if len(self.rows):
+            builder, n = self.rows.take()
+            self.session.writer.submit("forward", builder, n)
 
     def close(self, cut_short: str | None = None) -> dict:
         if self.closed:

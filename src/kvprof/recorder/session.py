@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 from kvprof.format import schema
@@ -44,6 +45,7 @@ class TraceSession:
             "cut_short": cut_short or stats.error,
             "rows_written": stats.rows_written,
             "rows_dropped": stats.rows_dropped,
+            "writer_build_ns": stats.build_ns,
             "started_ns": self.started_ns,
             "stopped_ns": time.monotonic_ns(),
             **(extra or {}),
@@ -60,16 +62,21 @@ def prepare_target(path: str, overwrite: bool) -> None:
     from kvprof.errors import TraceTargetError
 
     folder = os.path.dirname(os.path.abspath(path))
+    parts = parts_dir(path)
     if not os.path.isdir(folder):
         raise TraceTargetError(f"cannot write trace {path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise TraceTargetError(f"cannot write trace {path}: folder {folder} is not writable")
-    if os.path.exists(path) and not overwrite:
+    if os.path.isdir(path):
+        raise TraceTargetError(f"cannot write trace {path}: it is a folder")
+    leftovers = os.path.isdir(parts) and os.listdir(parts)
+    if (os.path.exists(path) or leftovers) and not overwrite:
         raise TraceTargetError(f"trace {path} exists; pass overwrite=True to replace it")
-    if os.path.exists(path):
-        os.remove(path)
-    parts = parts_dir(path)
-    if os.path.isdir(parts):
-        for name in os.listdir(parts):
-            os.remove(os.path.join(parts, name))
-    os.makedirs(parts, exist_ok=True)
+    try:
+        if os.path.exists(path):
+            os.remove(path)
+        if os.path.isdir(parts):
+            shutil.rmtree(parts)
+        os.makedirs(parts)
+    except OSError as exc:
+        raise TraceTargetError(f"cannot write trace {path}: {exc.strerror or exc}") from None

@@ -11,12 +11,11 @@ import json
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
-
-from kvprof.recorder.columns import to_record_batch
 
 _STOP = object()
 
@@ -24,6 +23,7 @@ _STOP = object()
 @dataclass
 class WriterStats:
     batches_written: int = 0
+    build_ns: int = 0          # writer-thread time turning buffers into Arrow batches
     rows_written: dict[str, int] = field(default_factory=dict)
     rows_dropped: dict[str, int] = field(default_factory=dict)
     error: str | None = None
@@ -66,44 +66,61 @@ class TraceWriter:
         self.streams = streams
         self.stats = WriterStats()
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="kvprof-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, table: str, fields: list[pa.Field], columns: list, rows: int) -> bool:
-        """Hand a batch over without waiting; False (and counted) when it was dropped."""
+    def submit(self, table: str, builder, rows: int) -> bool:
+        """Hand a batch over without waiting; False (and counted) when it was dropped.
+
+        ``builder()`` runs on the writer thread and returns the RecordBatch."""
         if rows == 0:
             return True
         if self.stats.error is None:
             try:
-                self._queue.put_nowait((table, fields, columns, rows))
+                self._queue.put_nowait((table, builder, rows))
                 return True
             except queue.Full:
                 pass
-        self.stats.rows_dropped[table] = self.stats.rows_dropped.get(table, 0) + rows
+        self._count_dropped(table, rows)
         return False
+
+    def _count_dropped(self, table: str, rows: int) -> None:
+        with self._lock:   # the engine thread and the writer thread both count
+            self.stats.rows_dropped[table] = self.stats.rows_dropped.get(table, 0) + rows
 
     def _run(self) -> None:
         while True:
             item = self._queue.get()
             if item is _STOP:
                 return
-            table, fields, columns, rows = item
+            table, builder, rows = item
             if self.stats.error is not None:
-                self.stats.rows_dropped[table] = self.stats.rows_dropped.get(table, 0) + rows
+                self._count_dropped(table, rows)
                 continue
             try:
-                self.streams.write(table, to_record_batch(fields, columns))
-            except Exception as exc:  # a full disk, a closed file: stop writing, count the rest
+                start = time.perf_counter_ns()
+                batch = builder()
+                self.stats.build_ns += time.perf_counter_ns() - start
+                self.streams.write(table, batch)
+            except Exception as exc:  # a full disk, a closed file, a bad row: stop writing, count the rest
                 self.stats.error = f"{type(exc).__name__}: {exc}"
-                self.stats.rows_dropped[table] = self.stats.rows_dropped.get(table, 0) + rows
+                self._count_dropped(table, rows)
                 continue
             self.stats.batches_written += 1
             self.stats.rows_written[table] = self.stats.rows_written.get(table, 0) + rows
 
     def close(self, timeout: float = 30.0) -> WriterStats:
-        """Write what is queued, then close every stream."""
-        self._queue.put(_STOP)
-        self._thread.join(timeout)
+        """Write what is queued (for at most ``timeout`` seconds), then close every stream."""
+        deadline = time.monotonic() + timeout
+        try:
+            self._queue.put(_STOP, timeout=timeout)
+        except queue.Full:
+            self.stats.error = self.stats.error or f"writer did not drain its queue in {timeout} s"
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            self.stats.error = self.stats.error or f"writer still busy after {timeout} s"
+            return self.stats
         try:
             self.streams.close()
         except Exception as exc:
