@@ -16,7 +16,7 @@ class Trace:
     """A start/stop handle; also a context manager (``with``, or ``async with`` for AsyncLLM)."""
 
     def __init__(self, engine, path, *, overwrite: bool = False, detail: str = "blocks",
-                 flush_interval_s: float = 0.25, record_prompts: bool = False,
+                 flush_interval_s: float = 1.0, record_prompts: bool = False,
                  _fault_point: str | None = None):
         self.engine = engine
         self.path = os.fspath(path)

@@ -13,7 +13,7 @@ import os
 import time
 
 from kvprof.format import schema as S
-from kvprof.recorder.columns import ColumnBuffer, RowBuffer
+from kvprof.recorder.columns import ColumnBuffer, RowBuffer, columns_to_batch
 from kvprof.recorder.memory import RssReader
 from kvprof.recorder.session import TraceSession, parts_dir
 
@@ -24,7 +24,7 @@ _repeat = itertools.repeat
 class Options:
     """What to record. ``detail="steps"`` turns block events off."""
 
-    def __init__(self, detail: str = "blocks", flush_interval_s: float = 0.25,
+    def __init__(self, detail: str = "blocks", flush_interval_s: float = 1.0,
                  flush_rows: int = 65536, rss_every: int = 16, record_prompts: bool = False,
                  fault_point: str | None = None):
         if detail not in ("steps", "blocks"):
@@ -410,7 +410,6 @@ def _new_blocks_of(new_block_ids: list):
 def expand_request_steps(rows: list[tuple], chunks: list[tuple], req_index: dict):
     """Writer thread: rows and kept scheduler-output lists -> one RecordBatch, ordered by step."""
     import numpy as np
-    import pyarrow as pa
 
     chain = itertools.chain.from_iterable
     n = sum(len(c[1]) for c in chunks)
@@ -433,4 +432,4 @@ def expand_request_steps(rows: list[tuple], chunks: list[tuple], req_index: dict
         columns = [np.concatenate([a, b]) for a, b in zip(explicit, columns)]
         order = np.argsort(columns[0], kind="stable")
         columns = [c[order] for c in columns]
-    return pa.RecordBatch.from_arrays([pa.array(c) for c in columns], schema=pa.schema(S.REQUEST_STEPS))
+    return columns_to_batch(S.REQUEST_STEPS, [np.ascontiguousarray(c) for c in columns])

@@ -42,7 +42,7 @@ class WorkerRecorder:
         self.gpu = GpuReader()
         self.event_cls = _cuda_events()
         self.pending: list[tuple] = []   # (row index, start event, end event)
-        self.flush_interval_ns = int(float(options.get("flush_interval_s", 0.25)) * 1e9)
+        self.flush_interval_ns = int(float(options.get("flush_interval_s", 1.0)) * 1e9)
         self.last_flush_ns = _now()
         self.closed = False
 

@@ -1,0 +1,312 @@
+"""The analyzer's facade: ``analyze(trace) -> Analysis``; ``Analysis.to_dict()`` is the JSON report.
+
+Pure: a ``kvprof.format.reader.Trace`` in, dataclasses and Arrow tables out, no
+printing. The one pass over request_steps runs in ``_kernels`` (numba); the
+per-topic analyses (latency, throughput, batch, kv, memory, step_model) are plain
+NumPy on the results. Definitions and the JSON layout: docs/analyses.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from kvprof.analysis import _kernels
+from kvprof.analysis.batch import Batch, batch
+from kvprof.analysis.kv import KV, kv
+from kvprof.analysis.latency import Latency, latency
+from kvprof.analysis.memory import Memory, memory
+from kvprof.analysis.step_model import StepModel, Workload, step_model
+from kvprof.analysis.throughput import Throughput, Tokens, throughput
+from kvprof.errors import TraceFormatError, UsageError
+
+REPORT_VERSION = "1.0"
+NEEDED_TABLES = ("request_steps", "requests", "preemptions", "forward")
+NS_PER_S = 1e9
+_REQUEST_COLUMNS = ("req", "arrival_ns", "queued_ns", "first_scheduled_ns", "first_token_ns",
+                    "finish_ns", "first_scheduled_step", "finish_step", "prompt_tokens",
+                    "cached_prompt_tokens", "output_tokens")
+_ROW_COLUMNS = ("step", "req", "phase", "tokens", "computed")
+
+
+class EmptyTraceError(TraceFormatError):
+    """A readable trace with nothing to analyse (no steps, or no finished request)."""
+
+
+@dataclass
+class Analysis:
+    """Everything ``kvprof analyze`` reports about one trace (or one window of it)."""
+
+    path: str
+    format_version: str
+    window_s: tuple[float, float] | None
+    duration_s: float
+    steps: int
+    requests: int
+    requests_finished: int
+    requests_unfinished: int
+    tokens: Tokens
+    throughput: Throughput
+    latency: Latency
+    batch: Batch
+    kv: KV
+    memory: Memory
+    step_time_model: StepModel
+    timeline: pa.Table = field(repr=False)      # one row per selected step, for plots
+    per_request: pa.Table = field(repr=False)   # one row per finished request: latencies in ms
+    run: dict = field(default_factory=dict, repr=False)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """The JSON report (docs/analyses.md): stable key names, SI units named in the keys."""
+        return {
+            "report_version": REPORT_VERSION, "format_version": self.format_version,
+            "trace": self.path,
+            "window_s": list(self.window_s) if self.window_s else None,
+            "duration_s": self.duration_s, "steps": self.steps, "requests": self.requests,
+            "requests_finished": self.requests_finished,
+            "requests_unfinished": self.requests_unfinished,
+            "tokens": self.tokens.to_dict(), "throughput": self.throughput.to_dict(),
+            "latency_ms": self.latency.to_dict(), "batch": self.batch.to_dict(),
+            "kv": self.kv.to_dict(), "memory_bytes": self.memory.to_dict(),
+            "step_time_model": self.step_time_model.to_dict(), "warnings": list(self.warnings),
+        }
+
+
+def analyze(trace, window: tuple[float | None, float | None] | None = None,
+            predict: tuple = ()) -> Analysis:
+    """Analyse ``trace``; ``window`` = (start, end) seconds from the trace start, end excluded."""
+    steps = _columns(trace["steps"])
+    if steps["step"].size == 0:
+        raise EmptyTraceError(f"{trace.path}: the trace holds no steps (empty trace)")
+    requests = _columns(trace["requests"], _REQUEST_COLUMNS)
+    if not (requests["finish_ns"] >= 0).any():
+        raise EmptyTraceError(f"{trace.path}: no request finished in the trace "
+                              f"({requests['req'].size} requests recorded); nothing to measure")
+    in_window = select_steps(steps["t_schedule_start_ns"], window)
+    sel = {name: col[in_window] for name, col in steps.items()}
+    step_range = (int(sel["step"].min()), int(sel["step"].max()))
+    chosen = _finished_in(requests, step_range if window else None)
+    result = replay(trace, steps, requests, in_window, chosen)
+    return _assemble(trace, window, predict, steps, sel, requests, chosen, result, in_window,
+                     step_range)
+
+
+def select_steps(schedule_start_ns: np.ndarray, window) -> np.ndarray:
+    """Boolean mask of the steps whose schedule start lies in [start, end) seconds."""
+    if window is None:
+        return np.ones(schedule_start_ns.size, bool)
+    start, end = window
+    rel = (schedule_start_ns - schedule_start_ns[0]) / NS_PER_S
+    mask = np.ones(rel.size, bool)
+    if start is not None:
+        mask &= rel >= start
+    if end is not None:
+        mask &= rel < end
+    if not mask.any():
+        raise UsageError(f"--window {_fmt(start)}:{_fmt(end)} selects no step "
+                         f"(the trace's steps start between 0 and {rel[-1]:.3f} s)")
+    return mask
+
+
+def _fmt(value) -> str:
+    return "" if value is None else f"{value:g}"
+
+
+def _columns(table: pa.Table, names=None) -> dict[str, np.ndarray]:
+    return {name: numpy_column(table.column(name)) for name in names or table.column_names}
+
+
+def numpy_column(column: pa.ChunkedArray) -> np.ndarray:
+    """A writable NumPy copy of an integer column, straight from its buffers.
+
+    pyarrow's own ``to_numpy`` imports pandas (0.4 s here); nulls become NaN (float64)."""
+    typ = column.type
+    dtype = np.dtype(f"{'i' if pa.types.is_signed_integer(typ) else 'u'}{typ.bit_width // 8}")
+    parts = [_chunk_values(chunk, dtype) for chunk in column.chunks if len(chunk)]
+    if column.null_count:
+        return np.concatenate(parts or [np.empty(0)]).astype(np.float64, copy=False)
+    return np.concatenate(parts) if parts else np.empty(0, dtype)
+
+
+def _chunk_values(chunk: pa.Array, dtype: np.dtype) -> np.ndarray:
+    validity, data = chunk.buffers()[:2]
+    values = np.frombuffer(data, dtype, len(chunk), chunk.offset * dtype.itemsize)
+    if not chunk.null_count:
+        return values
+    bits = np.unpackbits(np.frombuffer(validity, np.uint8), bitorder="little")
+    return np.where(bits[chunk.offset:chunk.offset + len(chunk)].astype(bool), values, np.nan)
+
+
+def arrow_column(values: np.ndarray) -> pa.Array:
+    """A NumPy array as an Arrow array without pandas; NaN becomes null."""
+    values = np.ascontiguousarray(values)
+    validity = None
+    if values.dtype.kind == "f" and np.isnan(values).any():
+        validity = pa.py_buffer(np.packbits(~np.isnan(values), bitorder="little"))
+    typ = pa.from_numpy_dtype(values.dtype)
+    return pa.Array.from_buffers(typ, len(values), [validity, pa.py_buffer(values)])
+
+
+def arrow_table(columns: dict) -> pa.Table:
+    return pa.table({name: c if isinstance(c, (pa.Array, pa.ChunkedArray)) else arrow_column(c)
+                     for name, c in columns.items()})
+
+
+def _finished_in(requests: dict, step_range) -> np.ndarray:
+    """Requests that enter latency stats: finished (within the window's steps, if any)."""
+    done = requests["finish_ns"] >= 0
+    if step_range is not None:
+        step = requests["finish_step"]
+        done &= (step >= step_range[0]) & (step <= step_range[1])
+    return done
+
+
+@dataclass
+class Replay:
+    """What the kernel's pass over request_steps gives back, per step (all steps) and per request."""
+
+    context: np.ndarray
+    emitted: np.ndarray
+    recomputed: np.ndarray
+    itl_values_ns: np.ndarray
+    itl_counts: np.ndarray
+    req_emitted: np.ndarray
+    req_seen: np.ndarray
+    decode_context: int
+    decode_rows: int
+
+
+def replay(trace, steps: dict, requests: dict, in_window: np.ndarray, chosen: np.ndarray) -> Replay:
+    """Run the request-step kernel with dense per-request state."""
+    rows = _columns(trace["request_steps"], _ROW_COLUMNS)
+    step_min, lookup = _step_lookup(steps["step"], trace.path)
+    n_req = _request_count(requests["req"], rows["req"], trace.path)
+    prompt = np.full(n_req, -1, np.int64)
+    latency_req = np.zeros(n_req, np.uint8)
+    valid = requests["req"] >= 0
+    prompt[requests["req"][valid]] = requests["prompt_tokens"][valid]
+    latency_req[requests["req"][chosen & valid]] = 1
+    end_ns = steps["t_update_end_ns"]
+    per_step, other, req_emitted, seen, dec_ctx, dec_rows = _kernels.replay_request_steps(
+        rows["step"], rows["req"], rows["phase"], rows["tokens"], rows["computed"], step_min,
+        lookup, in_window.astype(np.uint8), end_ns, prompt, latency_req)
+    context, emitted, recomputed, next_gaps = per_step
+    adjacent = np.flatnonzero(next_gaps[1:]) + 1
+    values = np.concatenate([end_ns[adjacent] - end_ns[adjacent - 1], other])
+    counts = np.concatenate([next_gaps[adjacent], np.ones(other.size, np.int64)])
+    return Replay(context, emitted, recomputed, values, counts, req_emitted, seen,
+                  int(dec_ctx), int(dec_rows))
+
+
+def _step_lookup(step_numbers: np.ndarray, path: str) -> tuple[int, np.ndarray]:
+    """Dense step number -> position table; refuses numbers too sparse to be a real trace."""
+    lo, hi = int(step_numbers.min()), int(step_numbers.max())
+    if hi - lo > 4 * step_numbers.size + 1024:
+        raise TraceFormatError(f"{path}: step numbers {lo}..{hi} for {step_numbers.size} steps "
+                               f"(corrupt trace?)")
+    lookup = np.full(hi - lo + 1, -1, np.int64)
+    lookup[step_numbers - lo] = np.arange(step_numbers.size)
+    return lo, lookup
+
+
+def _request_count(table_req: np.ndarray, row_req: np.ndarray, path: str) -> int:
+    """Size of the dense per-request state; refuses absurd request indices."""
+    top = max(int(table_req.max(initial=-1)), int(row_req.max(initial=-1)))
+    if top > 4 * (table_req.size + row_req.size) + 1024:
+        raise TraceFormatError(f"{path}: request index {top} is out of range (corrupt trace?)")
+    return top + 1
+
+
+def _assemble(trace, window, predict, steps, sel, requests, chosen, rp: Replay, in_sel,
+              step_range) -> Analysis:
+    """Run the per-topic analyses on the selection and the kernel's results."""
+    origin = int(steps["t_schedule_start_ns"][0])
+    span = (int(sel["t_schedule_start_ns"][0]), int(sel["t_update_end_ns"][-1]))
+    duration = (span[1] - span[0]) / NS_PER_S
+    admitted = _admitted_in(requests, step_range if window else None)
+    tokens = Tokens(input=int(requests["prompt_tokens"][admitted].sum()),
+                    cached_input=int(requests["cached_prompt_tokens"][admitted].sum()),
+                    output=int(rp.emitted[in_sel].sum()), scheduled=int(sel["total_tokens"].sum()))
+    n_done = int(chosen.sum())
+    events = {"output_tokens_per_s": (sel["t_update_end_ns"], rp.emitted[in_sel]),
+              "input_tokens_per_s": (requests["first_scheduled_ns"][admitted],
+                                     requests["prompt_tokens"][admitted]),
+              "requests_per_s": (requests["finish_ns"][chosen], np.ones(n_done))}
+    engine, run_kv = trace.run.get("engine", {}), trace.run.get("kv", {})
+    done = {name: col[chosen] for name, col in requests.items()}
+    kv_result = kv(sel, run_kv, tokens.input, tokens.cached_input, int(rp.recomputed[in_sel].sum()))
+    batch_result = batch(sel, engine)
+    seen = int(rp.req_seen.sum())
+    latency_result = latency(done, rp.itl_values_ns, rp.itl_counts)
+    return Analysis(
+        path=trace.path, format_version=trace.format_version,
+        window_s=_window_bounds(window), duration_s=duration, steps=int(in_sel.sum()),
+        requests=seen, requests_finished=n_done, requests_unfinished=max(seen - n_done, 0),
+        tokens=tokens, throughput=throughput(tokens, n_done, duration, span, origin, events),
+        latency=latency_result,
+        batch=batch_result, kv=kv_result,
+        memory=memory(sel, _columns(trace["forward"]), run_kv.get("bytes_per_block"),
+                      step_range if window else None),
+        step_time_model=_step_model(sel, rp.context[in_sel], done, rp, predict, kv_result,
+                                    engine, batch_result, tokens.output / duration if duration else 0.0),
+        timeline=_timeline(sel, rp, in_sel, origin),
+        per_request=_per_request(trace["requests"], chosen, done["req"], latency_result),
+        run=trace.run, warnings=list(trace.warnings))
+
+
+def _admitted_in(requests: dict, step_range) -> np.ndarray:
+    step = requests["first_scheduled_step"]
+    admitted = step >= 0
+    if step_range is not None:
+        admitted &= (step >= step_range[0]) & (step <= step_range[1])
+    return admitted
+
+
+def _window_bounds(window) -> tuple[float, float] | None:
+    if window is None:
+        return None
+    return (window[0] if window[0] is not None else 0.0,
+            window[1] if window[1] is not None else float("inf"))
+
+
+def _step_model(sel, context, done, rp: Replay, predict, kv_result: KV, engine, batch_result,
+                measured_output_rate) -> StepModel:
+    """Fit on the selected steps that scheduled tokens; the workload shape of finished requests."""
+    busy = sel["total_tokens"] > 0
+    step_ns = (sel["t_update_end_ns"] - sel["t_schedule_start_ns"])[busy]
+    prompt, out = done["prompt_tokens"], done["output_tokens"]
+    mean_prompt = float(prompt.mean()) if prompt.size else 0.0
+    mean_out = float(out.mean()) if out.size else 1.0
+    decode_ctx = rp.decode_context / rp.decode_rows if rp.decode_rows else mean_prompt + mean_out / 2
+    workload = Workload(mean_prompt, float(done["cached_prompt_tokens"].mean()) if prompt.size else 0.0,
+                        mean_out, float(decode_ctx))
+    limits = {"blocks_total": kv_result.blocks_total, "block_size": kv_result.block_size,
+              "max_num_batched_tokens": engine.get("max_num_batched_tokens"),
+              "max_running": batch_result.max_running}
+    return step_model(step_ns, sel["num_decode_reqs"][busy], sel["prefill_tokens"][busy],
+                      context[busy], workload, tuple(predict), limits,
+                      observed=(batch_result.mean_running, measured_output_rate))
+
+
+def _per_request(requests: pa.Table, chosen: np.ndarray, req: np.ndarray,
+                 result: Latency) -> pa.Table:
+    ids = pc.take(requests.column("request_id"), arrow_column(np.flatnonzero(chosen)))
+    return arrow_table({"req": req, "request_id": ids,
+                        **{f"{kind}_ms": v for kind, v in result.per_request_ms.items()}})
+
+
+def _timeline(sel, rp: Replay, in_sel, origin: int) -> pa.Table:
+    """Per selected step: time from the trace start and the series the plots draw."""
+    return arrow_table({
+        "step": sel["step"],
+        "t_s": (sel["t_schedule_start_ns"] - origin) / NS_PER_S,
+        "step_ms": (sel["t_update_end_ns"] - sel["t_schedule_start_ns"]) / 1e6,
+        "running": sel["num_running"], "waiting": sel["num_waiting"],
+        "kv_blocks_used": sel["kv_blocks_used"], "decode_requests": sel["num_decode_reqs"],
+        "prefill_tokens": sel["prefill_tokens"], "total_tokens": sel["total_tokens"],
+        "context_tokens": rp.context[in_sel], "output_tokens": rp.emitted[in_sel],
+        "rss_bytes": sel["rss_bytes"],
+    })

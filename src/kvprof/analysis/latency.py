@@ -1,0 +1,112 @@
+"""Latency of finished requests: TTFT, TPOT, ITL, end-to-end and queue time, in ms.
+
+Pure NumPy: per-request columns of the ``requests`` table in, summaries out
+(the facade turns the per-request columns into an Arrow table).
+Percentiles follow ``numpy.percentile`` (linear interpolation) so that any
+NumPy or pandas reference gives the same numbers; ITL uses the same rule on
+values with counts, because most inter-token gaps repeat per step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+QUANTILES = (50, 90, 99)
+NS_PER_MS = 1e6
+KINDS = ("ttft", "tpot", "itl", "e2e", "queue")
+
+
+@dataclass
+class Summary:
+    """Mean and percentiles of one latency, in ms; None when nothing was measured."""
+
+    count: int
+    mean: float | None = None
+    p50: float | None = None
+    p90: float | None = None
+    p99: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean, "p50": self.p50, "p90": self.p90, "p99": self.p99,
+                "count": self.count}
+
+
+@dataclass
+class Latency:
+    """The five latencies over the requests that finished in the selection."""
+
+    ttft: Summary
+    tpot: Summary
+    itl: Summary
+    e2e: Summary
+    queue: Summary
+    per_request_ms: dict[str, np.ndarray] = field(repr=False, default_factory=dict)  # NaN: undefined
+    itl_values_ms: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0))
+    itl_counts: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0, np.int64))
+
+    def to_dict(self) -> dict:
+        return {kind: getattr(self, kind).to_dict() for kind in KINDS}
+
+
+def summarize(values: np.ndarray) -> Summary:
+    """Mean, p50, p90, p99 of plain values (``numpy.percentile``, linear)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return Summary(0)
+    p50, p90, p99 = (float(v) for v in np.percentile(values, QUANTILES))
+    return Summary(int(values.size), float(values.mean()), p50, p90, p99)
+
+
+def weighted_summary(values: np.ndarray, counts: np.ndarray) -> Summary:
+    """Like ``summarize(np.repeat(values, counts))`` without materialising the repeat."""
+    keep = counts > 0
+    values, counts = np.asarray(values, np.float64)[keep], np.asarray(counts, np.int64)[keep]
+    n = int(counts.sum())
+    if n == 0:
+        return Summary(0)
+    order = np.argsort(values, kind="stable")
+    values, cum = values[order], np.cumsum(counts[order])
+    mean = float(np.dot(values, counts[order]) / n)
+    return Summary(n, mean, *(_ranked_quantile(values, cum, n, q) for q in QUANTILES))
+
+
+def _ranked_quantile(sorted_values: np.ndarray, cum_counts: np.ndarray, n: int, q: float) -> float:
+    """numpy's linear percentile: rank q/100*(n-1) between its two neighbouring values."""
+    rank = q / 100 * (n - 1)
+    lo = int(np.floor(rank))
+    hi = min(lo + 1, n - 1)
+    a = sorted_values[np.searchsorted(cum_counts, lo, side="right")]
+    b = sorted_values[np.searchsorted(cum_counts, hi, side="right")]
+    t = rank - lo
+    return float(a + (b - a) * t) if t < 0.5 else float(b - (b - a) * (1 - t))
+
+
+def per_request_ms(req: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each latency per request in ms, NaN where undefined (the definitions in docs/analyses.md)."""
+    arrival, queued = req["arrival_ns"], req["queued_ns"]
+    scheduled, first, finish = req["first_scheduled_ns"], req["first_token_ns"], req["finish_ns"]
+    outputs = req["output_tokens"]
+    return {
+        "ttft": _span_ms(arrival, first),
+        "e2e": _span_ms(arrival, finish),
+        "queue": _span_ms(queued, scheduled),
+        "tpot": np.where(outputs >= 2, _span_ms(first, finish) / np.maximum(outputs - 1, 1), np.nan),
+    }
+
+
+def _span_ms(start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """(end - start) in ms where both times are known (>= 0), else NaN."""
+    known = (start >= 0) & (end >= 0)
+    return np.where(known, (end - start) / NS_PER_MS, np.nan)
+
+
+def latency(req: Mapping[str, np.ndarray], itl_values_ns: np.ndarray,
+            itl_counts: np.ndarray) -> Latency:
+    """Summaries over the given (already chosen) finished requests and their ITL gaps."""
+    ms = per_request_ms(req)
+    summaries = {kind: summarize(v[~np.isnan(v)]) for kind, v in ms.items()}
+    itl_ms = np.asarray(itl_values_ns, np.float64) / NS_PER_MS
+    return Latency(itl=weighted_summary(itl_ms, itl_counts), per_request_ms=ms,
+                   itl_values_ms=itl_ms, itl_counts=np.asarray(itl_counts, np.int64), **summaries)

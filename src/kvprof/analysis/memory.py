@@ -1,0 +1,72 @@
+"""Memory readings over the run: which memory moved, and by how much.
+
+Each reading is summarised on its own (first, last, min, max, mean) because they
+measure different things: the EngineCore's RSS, the workers' RSS, the device
+(NVML), torch's allocator, and the KV blocks in use times bytes per block.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+FORWARD_READINGS = {
+    "worker_rss_bytes": "rss_bytes",
+    "gpu_used_bytes": "gpu_used_bytes",
+    "torch_allocated_bytes": "torch_allocated_bytes",
+    "torch_reserved_bytes": "torch_reserved_bytes",
+    "torch_peak_bytes": "torch_peak_bytes",
+}
+
+
+@dataclass
+class Reading:
+    """One memory series in bytes; ``samples`` == 0 means it was never measured."""
+
+    samples: int
+    first: int | None = None
+    last: int | None = None
+    min: int | None = None
+    max: int | None = None
+    mean: float | None = None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Memory:
+    readings: dict[str, Reading]
+
+    def to_dict(self) -> dict:
+        return {name: r.to_dict() for name, r in self.readings.items()}
+
+
+def reading(values: np.ndarray) -> Reading:
+    values = np.asarray(values)
+    if values.size == 0:
+        return Reading(0)
+    return Reading(int(values.size), int(values[0]), int(values[-1]), int(values.min()),
+                   int(values.max()), float(values.mean()))
+
+
+def forward_rows(forward: Mapping[str, np.ndarray], step_range: tuple[int, int] | None) -> np.ndarray:
+    """Mask of the worker rows of the selected steps (all rows for the whole trace)."""
+    step = forward["step"]
+    if step_range is None:
+        return np.ones(step.size, bool)
+    return (step >= step_range[0]) & (step <= step_range[1])
+
+
+def memory(steps: Mapping[str, np.ndarray], forward: Mapping[str, np.ndarray],
+           bytes_per_block: int | None, step_range: tuple[int, int] | None) -> Memory:
+    """``forward``: the forward table's columns, nullable ones as float64 with NaN for null."""
+    readings = {"engine_rss_bytes": reading(steps["rss_bytes"])}
+    rows = forward_rows(forward, step_range)
+    for name, column in FORWARD_READINGS.items():
+        values = forward[column][rows]
+        readings[name] = reading(values[~np.isnan(values)] if values.dtype.kind == "f" else values)
+    used = steps["kv_blocks_used"].astype(np.int64)
+    readings["kv_in_use_bytes"] = reading(used * bytes_per_block) if bytes_per_block else Reading(0)
+    return Memory(readings)

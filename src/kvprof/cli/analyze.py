@@ -1,0 +1,82 @@
+"""``kvprof analyze PATH``: the terminal, JSON and HTML reports of a trace.
+
+Nothing heavy is imported until the command runs (``kvprof --help`` and ``kvprof
+info`` never load numba or matplotlib).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kvprof.errors import TraceTargetError
+
+
+def parse_window(text: str) -> tuple[float | None, float | None]:
+    """'START:END' in seconds from the trace start; either side may be empty."""
+    start, sep, end = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected START:END in seconds, got {text!r}")
+    try:
+        bounds = tuple(float(v) if v.strip() else None for v in (start, end))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END in seconds, got {text!r}") from None
+    if None not in bounds and bounds[0] >= bounds[1]:
+        raise argparse.ArgumentTypeError(f"START must be before END, got {text!r}")
+    return bounds
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """'48,96' -> (48, 96); every size a positive integer."""
+    try:
+        sizes = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected batch sizes like 48,96, got {text!r}") from None
+    if any(b <= 0 for b in sizes):
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive, got {text!r}")
+    return sizes
+
+
+class AnalyzeCommand:
+    """Rebuild throughput, latency, batch composition, KV occupancy, memory readings and a
+    step-time model from a trace; print them, or write JSON / HTML."""
+
+    name = "analyze"
+    help = "throughput, latency, batch, KV and a step-time model from a trace"
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("path", help="trace file written by kvprof")
+        parser.add_argument("--json", action="store_true", help="print the JSON report")
+        parser.add_argument("--html", metavar="OUT", help="also write a self-contained HTML report")
+        parser.add_argument("--window", metavar="START:END", type=parse_window,
+                            help="only the steps starting in [START, END) seconds from the trace start")
+        parser.add_argument("--predict", metavar="B[,B...]", type=parse_batch_sizes, default=(),
+                            help="predict throughput at these batch sizes with the step-time model")
+
+    def run(self, args) -> int:
+        from kvprof.analysis import NEEDED_TABLES, analyze
+        from kvprof.format.reader import read_trace
+
+        trace = read_trace(args.path, tables=NEEDED_TABLES)
+        for warning in trace.warnings:
+            print(f"kvprof: warning: {warning}", file=sys.stderr)
+        analysis = analyze(trace, window=args.window, predict=args.predict)
+        if args.html:
+            write_html(analysis, args.html)
+        if args.json:
+            from kvprof.report.json_report import render
+            print(render(analysis))
+        else:
+            from rich.console import Console
+            from kvprof.report.text import render
+            Console().print(render(analysis))
+        return 0
+
+
+def write_html(analysis, out: str) -> None:
+    from kvprof.report.html import render
+    page = render(analysis)
+    try:
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(page)
+    except OSError as exc:
+        raise TraceTargetError(f"cannot write {out}: {exc.strerror}") from None

@@ -1,0 +1,144 @@
+"""The terminal report: one rich table per topic of an ``Analysis``."""
+from __future__ import annotations
+
+from rich.console import Group
+from rich.table import Table
+
+from kvprof.analysis.latency import KINDS
+
+_LATENCY_NAMES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2e": "end-to-end",
+                  "queue": "queue"}
+
+
+def num(value, digits: int = 1, unit: str = "") -> str:
+    """A number for a table cell; '—' for a value that was not measured."""
+    if value is None:
+        return "—"
+    if isinstance(value, int):
+        text = f"{value:,}"
+    else:
+        text = f"{value:,.{digits}f}"
+    return f"{text} {unit}".rstrip()
+
+
+def pct(value) -> str:
+    return "—" if value is None else f"{100 * value:.1f} %"
+
+
+def mib(value) -> str:
+    return "—" if value is None else f"{value / 2**20:,.1f} MiB"
+
+
+def _pairs(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, title_justify="left", show_header=False)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def overview(a) -> Table:
+    window = "whole trace"
+    if a.window_s is not None:
+        end = "the end" if a.window_s[1] == float("inf") else f"{a.window_s[1]:g} s"
+        window = f"steps starting from {a.window_s[0]:g} s to {end}"
+    return _pairs(f"kvprof analyze — {a.path}", [
+        ("format", a.format_version), ("selection", window),
+        ("duration", num(a.duration_s, 3, "s")), ("steps", num(a.steps)),
+        ("requests (finished / unfinished)",
+         f"{a.requests:,} ({a.requests_finished:,} / {a.requests_unfinished:,})"),
+        ("tokens in / out", f"{a.tokens.input:,} / {a.tokens.output:,}"),
+    ])
+
+
+def throughput(a) -> Table:
+    t = a.throughput
+    return _pairs("Throughput", [
+        ("output tokens/s", num(t.output_tokens_per_s)),
+        ("input tokens/s", num(t.input_tokens_per_s)),
+        ("total tokens/s", num(t.total_tokens_per_s)),
+        ("scheduled tokens/s", num(t.scheduled_tokens_per_s)),
+        ("requests/s", num(t.requests_per_s, 2)),
+    ])
+
+
+def latency(a) -> Table:
+    table = Table(title="Latency (ms, finished requests)", title_justify="left")
+    for column in ("", "mean", "p50", "p90", "p99", "n"):
+        table.add_column(column, justify="left" if not column else "right")
+    for kind in KINDS:
+        s = getattr(a.latency, kind)
+        digits = 2 if kind in ("tpot", "itl") else 1
+        table.add_row(_LATENCY_NAMES[kind], *(num(v, digits) for v in (s.mean, s.p50, s.p90, s.p99)),
+                      num(s.count))
+    return table
+
+
+def batch(a) -> Table:
+    b = a.batch
+    return _pairs("Batch composition", [
+        ("running mean / p50 / p90 / max",
+         f"{b.mean_running:.1f} / {b.p50_running:g} / {b.p90_running:g} / {b.max_running}"),
+        ("waiting mean / max", f"{b.mean_waiting:.1f} / {b.max_waiting}"),
+        ("steps decode-only / prefill-only / mixed / idle",
+         f"{b.decode_only_steps} / {b.prefill_only_steps} / {b.mixed_steps} / {b.idle_steps}"),
+        ("prefill share of scheduled tokens", pct(b.prefill_token_share)),
+        ("steps at max_num_seqs", f"{pct(b.steps_at_max_seqs)} (max_num_seqs={b.max_num_seqs})"),
+        ("token budget use (mean)",
+         f"{pct(b.mean_token_budget_use)} of {num(b.max_num_batched_tokens)}"),
+    ])
+
+
+def kv(a) -> Table:
+    k = a.kv
+    return _pairs("KV cache", [
+        ("blocks peak / mean / total",
+         f"{k.peak_blocks_used} / {k.mean_blocks_used:.1f} / {num(k.blocks_total)}"),
+        ("peak utilisation", pct(k.peak_utilization)),
+        ("bytes per block", num(k.bytes_per_block)),
+        ("prefix-hit rate", pct(k.prefix_hit_rate)),
+        ("preemptions", num(k.preemptions)),
+        ("tokens thrown away / recomputed", f"{k.preempted_tokens:,} / {k.recomputed_tokens:,}"),
+    ])
+
+
+def memory(a) -> Table:
+    table = Table(title="Memory readings", title_justify="left")
+    for column in ("reading", "first", "min", "max", "last"):
+        table.add_column(column, justify="left" if column == "reading" else "right")
+    for name, r in a.memory.readings.items():
+        if r.samples:
+            table.add_row(name.removesuffix("_bytes"), mib(r.first), mib(r.min), mib(r.max), mib(r.last))
+    return table
+
+
+def step_model(a) -> Table:
+    m = a.step_time_model
+    rows = [("steps fitted", num(m.fit.steps))]
+    if m.fit.coefficients is None:
+        return _pairs("Step-time model", rows + [("fit", "too few steps")])
+    c = m.fit.coefficients
+    rows += [("fixed", num(c["fixed_ns"] / 1e3, 1, "µs")),
+             ("per decode request", num(c["per_decode_request_ns"] / 1e3, 2, "µs")),
+             ("per prefill token", num(c["per_prefill_token_ns"] / 1e3, 3, "µs")),
+             ("per context token", num(c["per_context_token_ns"], 2, "ns")),
+             ("R² / RMSE", f"{m.fit.r2:.4f} / {m.fit.rmse_ms:.3f} ms")]
+    if m.check:
+        rows.append((f"check at batch {m.check['batch_size']:.1f}",
+                     f"{m.check['predicted_output_tokens_per_s']:,.1f} predicted vs "
+                     f"{m.check['measured_output_tokens_per_s']:,.1f} measured tok/s"))
+    for p in m.predictions:
+        notes = [n for n, bad in (("beyond KV pool", p.fits_kv is False),
+                                  ("beyond token budget", p.fits_token_budget is False),
+                                  ("extrapolated", p.extrapolated)) if bad]
+        rows.append((f"predicted at batch {p.batch_size:g}",
+                     f"{p.output_tokens_per_s:,.1f} tok/s, {p.step_ms:.2f} ms/step"
+                     + (f" ({', '.join(notes)})" if notes else "")))
+    return _pairs("Step-time model", rows)
+
+
+def render(analysis) -> Group:
+    """All tables, in reading order."""
+    return Group(*(part(analysis) for part in
+                   (overview, throughput, latency, batch, kv, memory, step_model)))
