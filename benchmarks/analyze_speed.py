@@ -147,9 +147,7 @@ def record_batch(table: str, cols: dict, lo: int, hi: int) -> pa.RecordBatch:
     arrays = []
     for f in fields:
         values = cols.get(f.name, 0)
-        if isinstance(values, (int, float)):
-            values = np.full(hi - lo, values)
-        piece = values[lo:hi]
+        piece = np.full(hi - lo, values) if np.isscalar(values) else values[lo:hi]
         arrays.append(pa.array(piece, type=f.type) if isinstance(piece, list)
                       else pa.array(np.asarray(piece).astype(f.type.to_pandas_dtype())))
     return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))

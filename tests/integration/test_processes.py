@@ -32,6 +32,7 @@ def test_env_variable_traces_without_code_change(tmp_path):
     req = trace["requests"].to_pandas()
     assert len(req) == 12 and (req.output_tokens == 8).all()
     assert trace["forward"].num_rows >= trace["steps"].num_rows > 0
+    assert trace.complete, trace.warnings
 
 
 def test_async_llm_example(tmp_path):
@@ -131,6 +132,7 @@ def test_openai_server_traced_through_plugin_with_no_code_change(tmp_path):
     req = trace["requests"].to_pandas()
     assert len(req) == 5 and (req.output_tokens == 6).all()
     assert trace["steps"].num_rows >= 6
+    assert trace.complete, trace.warnings   # engine and worker both closed their files
 
 
 def _wait_for_http(url, proc, timeout):

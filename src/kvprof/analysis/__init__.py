@@ -8,15 +8,14 @@ NumPy on the results. Definitions and the JSON layout: docs/analyses.md.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from kvprof.analysis import _kernels
 from kvprof.analysis.batch import Batch, batch
 from kvprof.analysis.kv import KV, kv
-from kvprof.analysis.latency import Latency, latency
+from kvprof.analysis.latency import KINDS, Latency, latency
 from kvprof.analysis.memory import Memory, memory
 from kvprof.analysis.step_model import StepModel, Workload, step_model
 from kvprof.analysis.throughput import Throughput, Tokens, throughput
@@ -28,7 +27,8 @@ NS_PER_S = 1e9
 _REQUEST_COLUMNS = ("req", "arrival_ns", "queued_ns", "first_scheduled_ns", "first_token_ns",
                     "finish_ns", "first_scheduled_step", "finish_step", "prompt_tokens",
                     "cached_prompt_tokens", "output_tokens")
-_ROW_COLUMNS = ("step", "req", "phase", "tokens", "computed")
+_ROW_DTYPES = {"step": np.int32, "req": np.int32, "phase": np.uint8, "tokens": np.int32,
+               "computed": np.int32}
 
 
 class EmptyTraceError(TraceFormatError):
@@ -55,9 +55,19 @@ class Analysis:
     memory: Memory
     step_time_model: StepModel
     timeline: pa.Table = field(repr=False)      # one row per selected step, for plots
-    per_request: pa.Table = field(repr=False)   # one row per finished request: latencies in ms
+    all_request_ids: pa.ChunkedArray = field(repr=False)   # requests.request_id, every row
+    finished_rows: np.ndarray = field(repr=False)          # rows of requests in latency stats
     run: dict = field(default_factory=dict, repr=False)
     warnings: list[str] = field(default_factory=list)
+
+    @cached_property
+    def per_request(self) -> pa.Table:
+        """One row per finished request: req, request_id and each latency in ms (null: undefined)."""
+        lat = self.latency
+        ids = self.all_request_ids.take(arrow_column(np.flatnonzero(self.finished_rows)))
+        return arrow_table({"req": lat.per_request_ms["req"], "request_id": ids,
+                            **{f"{kind}_ms": lat.per_request_ms[kind] for kind in KINDS
+                               if kind != "itl"}})
 
     def to_dict(self) -> dict:
         """The JSON report (docs/analyses.md): stable key names, SI units named in the keys."""
@@ -179,26 +189,62 @@ class Replay:
     decode_rows: int
 
 
+def load_kernels():
+    """Import numba and load (or compile) the kernel on a tiny input, so that the first real
+    call pays nothing; the CLI runs this while another thread reads the trace."""
+    from kvprof.analysis import _kernels
+    tiny = {name: _readonly(np.zeros(1, dtype)) for name, dtype in _ROW_DTYPES.items()}
+    state = _kernels.new_state(1, 1, 1)
+    _kernels.replay_batch(*tiny.values(), 0, np.zeros(1, np.int64), np.zeros(1, np.uint8),
+                          np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.uint8), *state)
+    return _kernels
+
+
 def replay(trace, steps: dict, requests: dict, in_window: np.ndarray, chosen: np.ndarray) -> Replay:
-    """Run the request-step kernel with dense per-request state."""
-    rows = _columns(trace["request_steps"], _ROW_COLUMNS)
+    """Run the request-step kernel batch by batch, with dense per-request state."""
+    kernels = load_kernels()
+    rows = trace["request_steps"].select(list(_ROW_DTYPES))
     step_min, lookup = _step_lookup(steps["step"], trace.path)
-    n_req = _request_count(requests["req"], rows["req"], trace.path)
+    n_req = _request_count(requests["req"], rows.column("req"), trace.path)
     prompt = np.full(n_req, -1, np.int64)
     latency_req = np.zeros(n_req, np.uint8)
     valid = requests["req"] >= 0
     prompt[requests["req"][valid]] = requests["prompt_tokens"][valid]
     latency_req[requests["req"][chosen & valid]] = 1
-    end_ns = steps["t_update_end_ns"]
-    per_step, other, req_emitted, seen, dec_ctx, dec_rows = _kernels.replay_request_steps(
-        rows["step"], rows["req"], rows["phase"], rows["tokens"], rows["computed"], step_min,
-        lookup, in_window.astype(np.uint8), end_ns, prompt, latency_req)
-    context, emitted, recomputed, next_gaps = per_step
+    end_ns = np.ascontiguousarray(steps["t_update_end_ns"], np.int64)
+    window = in_window.astype(np.uint8)
+    per_step, per_req, other, totals = kernels.new_state(end_ns.size, n_req, rows.num_rows)
+    for batch in rows.to_batches():
+        if batch.num_rows:
+            kernels.replay_batch(*_batch_arrays(batch, trace.path), step_min, lookup, window, end_ns, prompt,
+                                 latency_req, per_step, per_req, other, totals)
+    return _replay_result(kernels, per_step, per_req, other[:totals[kernels.TOTAL_OTHER_GAPS]],
+                          totals, end_ns)
+
+
+def _replay_result(k, per_step, per_req, other, totals, end_ns) -> Replay:
+    """ITL as (value, count) pairs: adjacent-step gaps counted per step, the rest one by one."""
+    next_gaps = per_step[k.STEP_NEXT_GAPS]
     adjacent = np.flatnonzero(next_gaps[1:]) + 1
     values = np.concatenate([end_ns[adjacent] - end_ns[adjacent - 1], other])
     counts = np.concatenate([next_gaps[adjacent], np.ones(other.size, np.int64)])
-    return Replay(context, emitted, recomputed, values, counts, req_emitted, seen,
-                  int(dec_ctx), int(dec_rows))
+    return Replay(per_step[k.STEP_CONTEXT], per_step[k.STEP_EMITTED], per_step[k.STEP_RECOMPUTED],
+                  values, counts, per_req[k.REQ_EMITTED], per_req[k.REQ_SEEN],
+                  int(totals[k.TOTAL_DECODE_CONTEXT]), int(totals[k.TOTAL_DECODE_ROWS]))
+
+
+def _batch_arrays(batch: pa.RecordBatch, path: str) -> list[np.ndarray]:
+    """Zero-copy, read-only views of a batch's row columns (one kernel signature for all)."""
+    if any(column.null_count for column in batch.columns):
+        raise TraceFormatError(f"{path}: request_steps holds nulls in non-nullable columns "
+                               f"(corrupt trace?)")
+    return [_readonly(_chunk_values(batch.column(i), np.dtype(dtype)))
+            for i, dtype in enumerate(_ROW_DTYPES.values())]
+
+
+def _readonly(values: np.ndarray) -> np.ndarray:
+    values.setflags(write=False)
+    return values
 
 
 def _step_lookup(step_numbers: np.ndarray, path: str) -> tuple[int, np.ndarray]:
@@ -212,10 +258,12 @@ def _step_lookup(step_numbers: np.ndarray, path: str) -> tuple[int, np.ndarray]:
     return lo, lookup
 
 
-def _request_count(table_req: np.ndarray, row_req: np.ndarray, path: str) -> int:
+def _request_count(table_req: np.ndarray, row_req: pa.ChunkedArray, path: str) -> int:
     """Size of the dense per-request state; refuses absurd request indices."""
-    top = max(int(table_req.max(initial=-1)), int(row_req.max(initial=-1)))
-    if top > 4 * (table_req.size + row_req.size) + 1024:
+    row_top = max((int(_chunk_values(c, np.dtype(np.int32)).max()) for c in row_req.chunks if len(c)),
+                  default=-1)
+    top = max(int(table_req.max(initial=-1)), row_top)
+    if top > 4 * (table_req.size + len(row_req)) + 1024:
         raise TraceFormatError(f"{path}: request index {top} is out of range (corrupt trace?)")
     return top + 1
 
@@ -253,7 +301,7 @@ def _assemble(trace, window, predict, steps, sel, requests, chosen, rp: Replay, 
         step_time_model=_step_model(sel, rp.context[in_sel], done, rp, predict, kv_result,
                                     engine, batch_result, tokens.output / duration if duration else 0.0),
         timeline=_timeline(sel, rp, in_sel, origin),
-        per_request=_per_request(trace["requests"], chosen, done["req"], latency_result),
+        all_request_ids=trace["requests"].column("request_id"), finished_rows=chosen,
         run=trace.run, warnings=list(trace.warnings))
 
 
@@ -289,13 +337,6 @@ def _step_model(sel, context, done, rp: Replay, predict, kv_result: KV, engine, 
     return step_model(step_ns, sel["num_decode_reqs"][busy], sel["prefill_tokens"][busy],
                       context[busy], workload, tuple(predict), limits,
                       observed=(batch_result.mean_running, measured_output_rate))
-
-
-def _per_request(requests: pa.Table, chosen: np.ndarray, req: np.ndarray,
-                 result: Latency) -> pa.Table:
-    ids = pc.take(requests.column("request_id"), arrow_column(np.flatnonzero(chosen)))
-    return arrow_table({"req": req, "request_id": ids,
-                        **{f"{kind}_ms": v for kind, v in result.per_request_ms.items()}})
 
 
 def _timeline(sel, rp: Replay, in_sel, origin: int) -> pa.Table:

@@ -2,7 +2,8 @@
 
 Kept apart from the pure analyses so that importing an analysis module never
 pays for numba, and so that ``NUMBA_DISABLE_JIT=1`` runs the very same Python.
-Every kernel is a single forward pass: no sort over request-step rows.
+The kernel is one forward pass, called once per Arrow record batch with state
+carried between calls: no sort and no concatenation of request-step rows.
 """
 from __future__ import annotations
 
@@ -11,43 +12,39 @@ from numba import njit
 
 from kvprof.format.schema import PHASE_DECODE
 
-# Positions of the per-step outputs in the tuple ``replay_request_steps`` returns.
+# Rows of the per-step output (shape (4, steps)).
 STEP_CONTEXT, STEP_EMITTED, STEP_RECOMPUTED, STEP_NEXT_GAPS = range(4)
+# Rows of the per-request state (shape (4, requests)).
+REQ_EMITTED, REQ_LAST_POS, REQ_HIGH_WATER, REQ_SEEN = range(4)
+# Entries of the scalar totals (shape (3,)).
+TOTAL_OTHER_GAPS, TOTAL_DECODE_CONTEXT, TOTAL_DECODE_ROWS = range(3)
+
+
+def new_state(n_steps: int, n_req: int, n_rows: int):
+    """Zeroed (per-step, per-request, other gaps, totals) arrays for ``replay_batch``."""
+    per_req = np.zeros((4, n_req), np.int64)
+    per_req[REQ_LAST_POS] = -1
+    return np.zeros((4, n_steps), np.int64), per_req, np.empty(max(n_rows, 1), np.int64), \
+        np.zeros(3, np.int64)
 
 
 @njit(cache=True, nogil=True)
-def replay_request_steps(step, req, phase, tokens, computed, step_min, step_pos, in_window,
-                         step_end_ns, prompt, latency_req):
-    """Replay request_steps in step order with per-request state indexed by ``req``.
+def replay_batch(step, req, phase, tokens, computed, step_min, step_pos, in_window, step_end_ns,
+                 prompt, latency_req, per_step, per_req, other_gaps, totals):
+    """Replay one batch of request_steps rows (in step order), updating the state in place.
 
-    A row samples a token iff computed + tokens >= prompt + tokens sampled so far by
-    its request (a request of unknown prompt length samples on decode rows). Tokens
-    are emitted at their step's ``step_end_ns``; inter-token gaps are kept for the
-    requests flagged in ``latency_req``. A gap between adjacent steps s-1 and s is
-    only counted (in ``next_gaps[s]``: its value is end[s] - end[s-1]); any other
-    gap value goes to ``other_gaps``. That keeps ITL exact without storing one
-    value per token.
-
-    Returns (per-step int64 arrays: context tokens, tokens emitted, tokens
-    recomputed after a preemption, adjacent-step gap counts), other gaps (ns),
-    per-request (tokens emitted, seen in window), and in-window decode-row
-    (context sum, row count).
+    A row samples a token iff computed + tokens >= prompt + tokens its request sampled
+    so far (a request of unknown prompt length, -1, samples on decode rows). Tokens
+    are emitted at their step's ``step_end_ns``. Inter-token gaps are kept for the
+    requests flagged in ``latency_req``: a gap between adjacent steps s-1 and s is only
+    counted (``per_step[STEP_NEXT_GAPS, s]``; its value is end[s] - end[s-1]), any other
+    gap value is appended to ``other_gaps``; ITL stays exact without one value per token.
+    Tokens recomputed after a preemption: the part of a row below its request's
+    high-water mark of computed tokens.
     """
-    n_steps = in_window.shape[0]
     n_req = prompt.shape[0]
     n_lookup = step_pos.shape[0]
-    context = np.zeros(n_steps, np.int64)
-    emitted_at = np.zeros(n_steps, np.int64)
-    recomputed = np.zeros(n_steps, np.int64)
-    next_gaps = np.zeros(n_steps, np.int64)
-    other_gaps = np.empty(max(step.shape[0], 1), np.int64)
-    n_other = 0
-    emitted = np.zeros(n_req, np.int32)
-    last_pos = np.full(n_req, -1, np.int64)
-    high_water = np.zeros(n_req, np.int64)
-    seen = np.zeros(n_req, np.uint8)
-    decode_context = 0
-    decode_rows = 0
+    n_other = totals[TOTAL_OTHER_GAPS]
     for i in range(step.shape[0]):
         k = step[i] - step_min
         if k < 0 or k >= n_lookup:
@@ -58,33 +55,34 @@ def replay_request_steps(step, req, phase, tokens, computed, step_min, step_pos,
             continue
         done = np.int64(computed[i])
         ctx = done + tokens[i]
-        redo = min(ctx, high_water[r]) - done
-        if ctx > high_water[r]:
-            high_water[r] = ctx
+        high = per_req[REQ_HIGH_WATER, r]
+        redo = min(ctx, high) - done
+        if ctx > high:
+            per_req[REQ_HIGH_WATER, r] = ctx
+        emitted = per_req[REQ_EMITTED, r]
         if prompt[r] >= 0:
-            samples = ctx >= prompt[r] + emitted[r]
+            samples = ctx >= prompt[r] + emitted
         else:
             samples = phase[i] == PHASE_DECODE
         if in_window[s]:
-            context[s] += ctx
-            seen[r] = 1
+            per_step[STEP_CONTEXT, s] += ctx
+            per_req[REQ_SEEN, r] = 1
             if redo > 0:
-                recomputed[s] += redo
+                per_step[STEP_RECOMPUTED, s] += redo
             if phase[i] == PHASE_DECODE:
-                decode_context += ctx
-                decode_rows += 1
+                totals[TOTAL_DECODE_CONTEXT] += ctx
+                totals[TOTAL_DECODE_ROWS] += 1
+            if samples:
+                per_step[STEP_EMITTED, s] += 1
         if not samples:
             continue
-        if in_window[s]:
-            emitted_at[s] += 1
-        last = last_pos[r]
+        last = per_req[REQ_LAST_POS, r]
         if latency_req[r] and last >= 0:
             if last == s - 1:
-                next_gaps[s] += 1
+                per_step[STEP_NEXT_GAPS, s] += 1
             else:
                 other_gaps[n_other] = step_end_ns[s] - step_end_ns[last]
                 n_other += 1
-        emitted[r] += 1
-        last_pos[r] = s
-    return ((context, emitted_at, recomputed, next_gaps), other_gaps[:n_other], emitted, seen,
-            decode_context, decode_rows)
+        per_req[REQ_EMITTED, r] = emitted + 1
+        per_req[REQ_LAST_POS, r] = s
+    totals[TOTAL_OTHER_GAPS] = n_other

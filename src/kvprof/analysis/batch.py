@@ -6,6 +6,8 @@ from typing import Mapping
 
 import numpy as np
 
+HISTOGRAM_MAX = 4096   # the last bucket of running_histogram counts every larger batch too
+
 
 @dataclass
 class Batch:
@@ -17,7 +19,7 @@ class Batch:
     p90_running: float
     mean_waiting: float
     max_waiting: int
-    running_histogram: list[int]       # index: running sequences, value: steps
+    running_histogram: list[int]       # index: running sequences, value: steps (capped)
     decode_only_steps: int
     prefill_only_steps: int
     mixed_steps: int
@@ -51,7 +53,7 @@ def batch(steps: Mapping[str, np.ndarray], engine: Mapping) -> Batch:
         mean_running=float(running.mean()), max_running=int(running.max()),
         p50_running=float(p50), p90_running=float(p90),
         mean_waiting=float(waiting.mean()), max_waiting=int(waiting.max()),
-        running_histogram=np.bincount(np.maximum(running, 0)).tolist(),
+        running_histogram=np.bincount(np.clip(running, 0, HISTOGRAM_MAX)).tolist(),
         decode_only_steps=int(((decode > 0) & (prefill == 0)).sum()),
         prefill_only_steps=int(((decode == 0) & (prefill > 0)).sum()),
         mixed_steps=int(((decode > 0) & (prefill > 0)).sum()),

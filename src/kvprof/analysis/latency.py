@@ -84,11 +84,13 @@ def _ranked_quantile(sorted_values: np.ndarray, cum_counts: np.ndarray, n: int, 
 
 
 def per_request_ms(req: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Each latency per request in ms, NaN where undefined (the definitions in docs/analyses.md)."""
+    """Each latency per request in ms, NaN where undefined (definitions in docs/analyses.md),
+    with the request index under "req"."""
     arrival, queued = req["arrival_ns"], req["queued_ns"]
     scheduled, first, finish = req["first_scheduled_ns"], req["first_token_ns"], req["finish_ns"]
     outputs = req["output_tokens"]
     return {
+        "req": np.asarray(req["req"]),
         "ttft": _span_ms(arrival, first),
         "e2e": _span_ms(arrival, finish),
         "queue": _span_ms(queued, scheduled),
@@ -106,7 +108,7 @@ def latency(req: Mapping[str, np.ndarray], itl_values_ns: np.ndarray,
             itl_counts: np.ndarray) -> Latency:
     """Summaries over the given (already chosen) finished requests and their ITL gaps."""
     ms = per_request_ms(req)
-    summaries = {kind: summarize(v[~np.isnan(v)]) for kind, v in ms.items()}
+    summaries = {kind: summarize(v[~np.isnan(v)]) for kind, v in ms.items() if kind != "req"}
     itl_ms = np.asarray(itl_values_ns, np.float64) / NS_PER_MS
     return Latency(itl=weighted_summary(itl_ms, itl_counts), per_request_ms=ms,
                    itl_values_ms=itl_ms, itl_counts=np.asarray(itl_counts, np.int64), **summaries)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvprof.errors import TraceTargetError
+from kvprof.errors import KvprofError, TraceTargetError
 
 
 def parse_window(text: str) -> tuple[float | None, float | None]:
@@ -53,13 +53,15 @@ class AnalyzeCommand:
                             help="predict throughput at these batch sizes with the step-time model")
 
     def run(self, args) -> int:
-        from kvprof.analysis import NEEDED_TABLES, analyze
-        from kvprof.format.reader import read_trace
+        from kvprof.analysis import analyze
 
-        trace = read_trace(args.path, tables=NEEDED_TABLES)
+        trace = read_while_loading_kernels(args.path)
+        try:
+            analysis = analyze(trace, window=args.window, predict=args.predict)
+        except KvprofError as exc:
+            raise with_warnings(exc, trace.warnings) from None
         for warning in trace.warnings:
             print(f"kvprof: warning: {warning}", file=sys.stderr)
-        analysis = analyze(trace, window=args.window, predict=args.predict)
         if args.html:
             write_html(analysis, args.html)
         if args.json:
@@ -70,6 +72,27 @@ class AnalyzeCommand:
             from kvprof.report.text import render
             Console().print(render(analysis))
         return 0
+
+
+def with_warnings(exc: KvprofError, warnings: list[str]) -> KvprofError:
+    """The error, with what the reader noticed (often its cause) on the same one line."""
+    if not warnings:
+        return exc
+    return type(exc)(f"{exc} (reader: {'; '.join(warnings)})")
+
+
+def read_while_loading_kernels(path: str):
+    """Read the trace on a thread while numba loads the kernel here: both take about half a
+    second on a large trace, and Arrow's reading releases the GIL."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kvprof.analysis import NEEDED_TABLES, load_kernels
+    from kvprof.format.reader import read_trace
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        reading = pool.submit(read_trace, path, NEEDED_TABLES)
+        load_kernels()
+        return reading.result()
 
 
 def write_html(analysis, out: str) -> None:

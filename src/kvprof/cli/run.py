@@ -28,8 +28,8 @@ class RunCommand:
         from kvprof.format.reader import read_trace
         summary, wall = run_traced(args)
         trace = read_trace(args.trace)
-        from kvprof.analysis.basic import summarize
-        s = summarize(trace)
+        from kvprof.analysis import analyze
+        s = analyze(trace).to_dict()
         console.print(render(s, wall, args))
         return 0
 
@@ -68,7 +68,7 @@ def render(s: dict, wall: float, args):
         ("TPOT mean / p99", f"{lat['tpot']['mean']:.2f} / {lat['tpot']['p99']:.2f} ms"),
         ("end-to-end mean / p99", f"{lat['e2e']['mean']:.1f} / {lat['e2e']['p99']:.1f} ms"),
         ("running seqs mean / max", f"{s['batch']['mean_running']:.1f} / {s['batch']['max_running']}"),
-        ("KV blocks peak / usable", f"{s['kv']['peak_blocks_used']} / {s['kv']['usable_blocks']} "
+        ("KV blocks peak / usable", f"{s['kv']['peak_blocks_used']} / {s['kv']['blocks_total']} "
                                     f"({s['kv']['bytes_per_block']} B per block)"),
         ("prefix-hit rate", f"{100 * s['kv']['prefix_hit_rate']:.1f} %"),
         ("preemptions", f"{s['kv']['preemptions']}"),

@@ -85,13 +85,24 @@ def read_trace(path: str, tables: tuple[str, ...] | None = None) -> Trace:
 
 
 def _check_rows_written(trace: Trace) -> None:
-    """A file cut exactly between batches reads cleanly: the end record tells."""
-    written = (trace.end_records.get("engine_core") or {}).get("rows_written") or {}
+    """A file cut exactly between batches reads cleanly: the end records tell."""
+    written: dict[str, int] = {}
+    for end in trace.end_records.values():
+        for table, rows in (end.get("rows_written") or {}).items():
+            if isinstance(rows, int):
+                written[table] = written.get(table, 0) + rows
     for table, rows in written.items():
-        if table in trace.tables and isinstance(rows, int) and trace.tables[table].num_rows < rows:
+        if table in trace.tables and trace.tables[table].num_rows < rows:
             trace.truncated = True
             trace.warnings.append(f"{table}: {trace.tables[table].num_rows} rows on disk, "
                                   f"{rows} written: the file was cut")
+    forward = trace.tables.get("forward")
+    if forward is not None and forward.num_rows:
+        ranks = set(forward.column("rank").to_pylist())
+        missing = sorted(r for r in ranks if f"worker-{r}" not in trace.end_records)
+        if missing:
+            trace.truncated = True
+            trace.warnings.append(f"no end record from worker(s) {missing}: their last rows may be lost")
 
 
 def read_stream(path: str, table: str, warnings: list[str]) -> tuple[pa.Table, dict]:

@@ -7,8 +7,9 @@ files, because a stream killed mid-write is still readable up to its last
 complete record batch; the format version sits in each stream's *schema*
 metadata, which is written first and so survives a crash.
 
-Minor versions only add columns (readers fill defaults); a new major version
-means a reader of an older major must refuse the file.
+Minor versions only add columns: a reader ignores columns it does not know, and
+gives a default to a column that an older minor version lacked (none yet: 1.0 is
+the first). A new major version means a reader of an older major refuses the file.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
 META_FORMAT = b"kvprof.format_version"
 META_TABLE = b"kvprof.table"
 META_RUN = b"kvprof.run"          # JSON run metadata (main file and worker files)
-META_WRITER = b"kvprof.writer"    # "engine_core" or "worker"
+META_WRITER = b"kvprof.writer"    # "engine_core" or "worker-<rank>"
 
 PARTS_SUFFIX = ".parts"
 
@@ -29,8 +30,9 @@ PARTS_SUFFIX = ".parts"
 PHASE_PREFILL = 0     # first scheduling of a new request (may be a first chunk)
 PHASE_CHUNKED = 1     # continuation of a prompt that did not fit in one step
 PHASE_DECODE = 2      # one new token after the prompt was computed
-PHASE_RESUMED = 3     # re-admitted after preemption: recomputes prompt + outputs
-PHASE_NAMES = ("prefill", "chunked_prefill", "decode", "resumed")
+PHASE_RESUMED = 3     # re-admitted after preemption: starts recomputing prompt + outputs
+PHASE_RECOMPUTE = 4   # a later chunk of that recomputation (the step did not fit it all)
+PHASE_NAMES = ("prefill", "chunked_prefill", "decode", "resumed", "recompute")
 
 # Block event kinds (block_events.kind).
 BLOCK_ALLOC = 0       # taken from the free queue (may evict a cached block)
@@ -55,7 +57,7 @@ STEPS = _fields(
     ("num_running", _i32),            # after scheduling
     ("num_waiting", _i32),
     ("num_prefill_reqs", _i32),       # phase counts, see PHASE_*
-    ("num_chunked_reqs", _i32),
+    ("num_chunked_reqs", _i32),       # chunked-prefill and recompute continuations
     ("num_decode_reqs", _i32),
     ("num_resumed_reqs", _i32),
     ("prefill_tokens", _i32),         # tokens scheduled in prefill / chunked / resumed phases
@@ -63,8 +65,8 @@ STEPS = _fields(
     ("total_tokens", _i32),           # total scheduled tokens (the token budget's use)
     ("kv_blocks_used", _i32),         # at update end; excludes the null block
     ("kv_blocks_free", _i32),         # free queue length (includes cached-evictable)
-    ("kv_blocks_cached", _i32),       # blocks holding a prefix-cache hash
-    ("blocks_allocated", _i32),       # within this step (schedule start .. update end)
+    ("kv_blocks_cached", _i32),       # prefix-cache hash entries (about the blocks holding a hash)
+    ("blocks_allocated", _i32),       # in this step's window: previous update end .. this update end
     ("blocks_freed", _i32),
     ("blocks_revived", _i32),
     ("blocks_evicted", _i32),
@@ -82,14 +84,15 @@ REQUEST_STEPS = _fields(
     ("phase", _u8),                   # PHASE_*
     ("tokens", _i32),                 # tokens scheduled for this request in this step
     ("computed", _i32),               # tokens already computed before this step
-    ("new_blocks", _i16),             # KV blocks newly given to it in this step
+    ("new_blocks", _i16),             # KV blocks added to its block table in this step
+                                      # (prefill / resumed rows: the whole table, prefix hits included)
 )
 
 REQUESTS = _fields(
     ("req", _i32),
     ("request_id", pa.string()),      # vLLM's request id (never prompt text)
     ("arrival_ns", _i64),             # Request.arrival_time mapped onto the monotonic clock
-    ("queued_ns", _i64),              # reached the scheduler
+    ("queued_ns", _i64),              # reached the scheduler; -1 if before tracing started
     ("first_scheduled_ns", _i64),     # -1: never scheduled
     ("first_token_ns", _i64),         # -1: no token yet
     ("finish_ns", _i64),              # -1: still running when the trace stopped
@@ -101,11 +104,12 @@ REQUESTS = _fields(
     ("output_tokens", _i32),
     ("max_tokens", _i32),
     ("preemptions", _i32),
-    ("finish_reason", pa.string()),   # stop / length / abort / error / running / waiting
+    ("finish_reason", pa.string()),   # vLLM's (stop, length, abort, error, repetition, ...);
+                                      # running / waiting: unfinished when tracing stopped
 )
 
 BLOCK_EVENTS = _fields(
-    ("step", _i32),
+    ("step", _i32),                   # the step window the event fell in (see steps.blocks_*)
     ("kind", _u8),                    # BLOCK_*
     ("req", _i32),                    # -1 when no request is known
     ("block_id", _i32),
@@ -120,7 +124,7 @@ PREEMPTIONS = _fields(
     ("kv_blocks_used", _i32),         # just before the preemption
 )
 
-PROMPTS = [  # only with record_prompts=True: kvprof stores no prompt content otherwise
+PROMPTS = [  # rows only with record_prompts=True (the file is always there, empty otherwise)
     pa.field("req", _i32, nullable=False),
     pa.field("prompt_token_ids", pa.list_(_i32), nullable=False),
 ]

@@ -16,7 +16,6 @@ SUPPORTED_RANGE = ">=0.32,<0.34"
 
 # (module, attribute path, why kvprof needs it)
 VLLM_NAMES: tuple[tuple[str, str, str], ...] = (
-    ("vllm.v1.core.sched.scheduler", "Scheduler.__init__", "start tracing with KVPROF_TRACE"),
     ("vllm.v1.core.sched.scheduler", "Scheduler.schedule", "step inputs: batch composition"),
     ("vllm.v1.core.sched.scheduler", "Scheduler.update_from_output", "step outputs, first tokens"),
     ("vllm.v1.core.sched.scheduler", "Scheduler.add_request", "queue time"),
@@ -29,9 +28,9 @@ VLLM_NAMES: tuple[tuple[str, str, str], ...] = (
     ("vllm.v1.core.block_pool", "BlockPool.touch", "prefix-hit revivals"),
     ("vllm.v1.core.block_pool", "BlockPool._maybe_evict_cached_block", "evictions"),
     ("vllm.v1.core.block_pool", "BlockPool.get_num_free_blocks", "blocks in use"),
+    ("vllm.v1.core.sched.scheduler", "Scheduler.__init__", "start tracing with KVPROF_TRACE"),
     ("vllm.v1.engine.core", "EngineCore.shutdown", "close the trace with the engine"),
     ("vllm.v1.worker.worker_base", "WorkerWrapperBase.execute_model", "forward timing"),
-    ("vllm.v1.worker.worker_base", "WorkerWrapperBase.init_worker", "start worker tracing with KVPROF_TRACE"),
 )
 
 

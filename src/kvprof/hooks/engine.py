@@ -69,6 +69,7 @@ class EngineRecorder:
         self.wall_minus_mono_ns = time.time_ns() - _now()
         self.req_track: dict[int, list] = {}   # idx -> [queued, first_sched, first_sched_step, ftok, ftok_step, cached]
         self.awaiting_first_token: dict[str, int] = {}
+        self.recomputing: dict[str, int] = {}    # resumed requests still recomputing
         self.in_flight: dict[int, tuple] = {}  # id(scheduler_output) -> (step, t0, t1, counts...)
         self.finished_pending: list[tuple] = []
         self.next_step = 0
@@ -135,12 +136,12 @@ class EngineRecorder:
         n = len(ids)
         n_chunked = n_resumed = 0
         if n:
-            self.req_steps.add_cached(step, ids, cr.num_output_tokens, cr.num_computed_tokens,
-                                      cr.new_block_ids, cr.resumed_req_ids, nst)
-            n_chunked = cr.num_output_tokens.count(0)
-            if cr.resumed_req_ids or n_chunked:
-                n_chunked, n_resumed, other = self._slow_phase_counts(cr, nst)
+            if cr.resumed_req_ids or self.recomputing or 0 in cr.num_output_tokens:
+                n_chunked, n_resumed, other = self._explicit_cached_rows(step, cr, nst)
                 prefill_tokens += other
+            else:   # every request decodes: keep vLLM's lists, expand them later
+                self.req_steps.add_cached(step, ids, cr.num_output_tokens,
+                                          cr.num_computed_tokens, cr.new_block_ids, nst)
         if self.block_events_on and len(self.blocks) > self.attr_from:
             self._attribute_allocations(so)
         sched = self.scheduler
@@ -168,19 +169,39 @@ class EngineRecorder:
         self.req_steps.add_rows(rows)
         return tokens
 
-    def _slow_phase_counts(self, cr, nst) -> tuple[int, int, int]:
-        """Chunked or resumed requests in the batch: count them one by one."""
+    def _explicit_cached_rows(self, step: int, cr, nst) -> tuple[int, int, int]:
+        """Chunked prefills or recomputations in the batch: classify row by row.
+
+        A resumed request recomputes prompt + outputs; when that takes several steps,
+        the later chunks carry output tokens yet are not decodes (PHASE_RECOMPUTE)."""
         chunked = resumed = tokens = 0
-        for rid, outs in zip(cr.req_ids, cr.num_output_tokens):
-            if rid in cr.resumed_req_ids:
-                resumed += 1
-                tokens += nst[rid]
-                idx = self.req_index[rid]
+        rows = []
+        requests = self.scheduler.requests
+        for rid, outs, computed, blocks in zip(cr.req_ids, cr.num_output_tokens,
+                                               cr.num_computed_tokens, cr.new_block_ids):
+            idx = self.req_index[rid]
+            n = nst[rid]
+            if rid in cr.resumed_req_ids or rid in self.recomputing:
+                phase = S.PHASE_RESUMED if rid in cr.resumed_req_ids else S.PHASE_RECOMPUTE
+                resumed += phase == S.PHASE_RESUMED
+                chunked += phase == S.PHASE_RECOMPUTE
+                req = requests.get(rid)
+                done = req is None or computed + n >= req.num_prompt_tokens + outs
+                if done:
+                    self.recomputing.pop(rid, None)
+                else:
+                    self.recomputing[rid] = idx
                 if self.req_track[idx][3] < 0:
                     self.awaiting_first_token[rid] = idx
             elif outs == 0:
+                phase = S.PHASE_CHUNKED
                 chunked += 1
-                tokens += nst[rid]
+            else:
+                rows.append((step, idx, S.PHASE_DECODE, n, computed, len(blocks[0]) if blocks else 0))
+                continue
+            tokens += n
+            rows.append((step, idx, phase, n, computed, len(blocks[0]) if blocks else 0))
+        self.req_steps.add_rows(rows)
         return chunked, resumed, tokens
 
     def _attribute_allocations(self, so) -> None:
@@ -232,7 +253,7 @@ class EngineRecorder:
         self.hook_ns = -(_now() - t3)   # the rest of this hook is counted by its wrapper
         self.rows_emitted += 1
         self._zero_counters()
-        self.flush()
+        self.flush(force=not sched_busy(self.scheduler))
 
     def _stamp_first_tokens(self, t: int, step: int) -> None:
         if not self.awaiting_first_token:
@@ -277,6 +298,8 @@ class EngineRecorder:
             tr[3], tr[4] = -2, self.rows_emitted   # stamped with the finish below
             del self.awaiting_first_token[request.request_id]
         self.awaiting_first_token.pop(request.request_id, None)
+        self.recomputing.pop(request.request_id, None)
+        self.req_steps.retire(request.request_id)
         if self.in_update:
             self.finished_pending.append(row)
         else:
@@ -367,6 +390,11 @@ class EngineRecorder:
             "kv_blocks_used_at_start": self.kv_used_at_start})
 
 
+def sched_busy(scheduler) -> bool:
+    """False when the engine is about to idle: then buffered rows are written at once."""
+    return bool(scheduler.running or scheduler.waiting)
+
+
 class RequestStepBuffer:
     """request_steps rows, kept as references to each step's scheduler-output lists.
 
@@ -381,24 +409,37 @@ class RequestStepBuffer:
     def __init__(self, req_index: dict[str, int]):
         self.req_index = req_index
         self.rows: list[tuple] = []      # explicit rows (new requests)
-        self.chunks: list[tuple] = []    # (step, ids, outs, computed, new_block_ids, resumed, nst)
+        self.chunks: list[tuple] = []    # (step, ids, outs, computed, new_block_ids, nst)
+        self.retired: list[str] = []     # finished request ids, dropped from req_index after use
         self.count = 0
 
     def __len__(self) -> int:
         return self.count
 
+    def retire(self, request_id: str) -> None:
+        """A finished request: its id leaves the index once this batch is expanded."""
+        self.retired.append(request_id)
+
     def add_rows(self, rows: list[tuple]) -> None:
         self.rows.extend(rows)
         self.count += len(rows)
 
-    def add_cached(self, step, ids, outs, computed, new_block_ids, resumed, nst) -> None:
-        self.chunks.append((step, ids, outs, computed, new_block_ids, resumed, nst))
+    def add_cached(self, step, ids, outs, computed, new_block_ids, nst) -> None:
+        """A step where every cached request decodes."""
+        self.chunks.append((step, ids, outs, computed, new_block_ids, nst))
         self.count += len(ids)
 
     def take(self):
-        rows, chunks, count = self.rows, self.chunks, self.count
-        self.rows, self.chunks, self.count = [], [], 0
-        return (lambda: expand_request_steps(rows, chunks, self.req_index)), count
+        rows, chunks, retired, count = self.rows, self.chunks, self.retired, self.count
+        self.rows, self.chunks, self.retired, self.count = [], [], [], 0
+        req_index = self.req_index
+
+        def build():
+            batch = expand_request_steps(rows, chunks, req_index)
+            for request_id in retired:   # keeps the index as small as the running set
+                req_index.pop(request_id, None)
+            return batch
+        return build, count
 
 
 def _new_blocks_of(new_block_ids: list):
@@ -415,17 +456,10 @@ def expand_request_steps(rows: list[tuple], chunks: list[tuple], req_index: dict
     n = sum(len(c[1]) for c in chunks)
     step = np.repeat(np.array([c[0] for c in chunks], np.int32), [len(c[1]) for c in chunks])
     req = np.fromiter(map(req_index.__getitem__, chain(c[1] for c in chunks)), np.int32, n)
-    outs = np.fromiter(chain(c[2] for c in chunks), np.int32, n)
-    tokens = np.fromiter(chain(map(c[6].__getitem__, c[1]) for c in chunks), np.int32, n)
+    tokens = np.fromiter(chain(map(c[5].__getitem__, c[1]) for c in chunks), np.int32, n)
     computed = np.fromiter(chain(c[3] for c in chunks), np.int32, n)
     new_blocks = np.fromiter(chain(_new_blocks_of(c[4]) for c in chunks), np.int16, n)
-    phase = np.where(outs == 0, S.PHASE_CHUNKED, S.PHASE_DECODE).astype(np.uint8)
-    offset = 0
-    for c in chunks:
-        if c[5]:
-            resumed = np.fromiter((r in c[5] for r in c[1]), bool, len(c[1]))
-            phase[offset:offset + len(c[1])][resumed] = S.PHASE_RESUMED
-        offset += len(c[1])
+    phase = np.full(n, S.PHASE_DECODE, np.uint8)
     columns = [step, req, phase, tokens, computed, new_blocks]
     if rows:
         explicit = [np.array(col, dtype=ref.dtype) for col, ref in zip(zip(*rows), columns)]

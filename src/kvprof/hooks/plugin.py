@@ -9,8 +9,8 @@ through ``EngineCore.kvprof_start`` (a utility method added here), or the
 from __future__ import annotations
 
 import atexit
-import logging
 import os
+import sys
 import time
 
 from kvprof.errors import KvprofError
@@ -85,7 +85,7 @@ def _install() -> None:
                 after=lambda rec, tok, s, evicted, block, *a, **k: evicted and rec.on_evicted(block))
     _add_engine_core_methods(EngineCore)
     _add_worker_methods(WorkerWrapperBase)
-    _install_env_start(Scheduler, WorkerWrapperBase)
+    _install_env_start(Scheduler, EngineCore)
 
 
 def _is_engine_recorder(rec) -> bool:
@@ -156,7 +156,30 @@ def start_engine_recorder(scheduler, path: str, options: dict, executor=None) ->
         executor.collective_rpc("kvprof_worker_start", args=(path, opts.to_dict()))
     ProcessState.recorder = EngineRecorder(scheduler, path, opts, run)
     ProcessState.warned = False
+    _close_at_exit()
     return {"pid": os.getpid(), "path": path}
+
+
+_exit_hook_registered = False
+
+
+def _close_at_exit() -> None:
+    """A process that exits (SIGTERM handled, sys.exit) closes its trace files cleanly."""
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        _exit_hook_registered = True
+        atexit.register(_close_all)
+
+
+def _close_all() -> None:
+    for name in ("recorder", "worker_recorder"):
+        rec = getattr(ProcessState, name)
+        setattr(ProcessState, name, None)
+        if rec is not None:
+            try:
+                rec.close()   # everything buffered is written: the trace ends here
+            except Exception:
+                pass
 
 
 def stop_engine_recorder(executor=None) -> dict:
@@ -177,6 +200,7 @@ def _add_worker_methods(WorkerWrapperBase) -> None:
         state.FAULT_POINT = options.get("fault_point") or os.environ.get("KVPROF_FAULT") or None
         if _worker_recorder() is None:
             ProcessState.worker_recorder = WorkerRecorder(self, path, options)
+            _close_at_exit()
         return os.getpid()
 
     def kvprof_worker_stop(self) -> dict:
@@ -201,10 +225,7 @@ def _wrap_forward(WorkerWrapperBase) -> None:
     def execute_model(self, scheduler_output, *args, **kwargs):
         rec = _worker_recorder()
         if rec is None:
-            _maybe_env_start_worker(self)
-            rec = _worker_recorder()
-            if rec is None:
-                return execute(self, scheduler_output, *args, **kwargs)
+            return execute(self, scheduler_output, *args, **kwargs)
         try:
             if state.FAULT_POINT == "WorkerWrapperBase.execute_model":
                 raise state.InjectedFault("WorkerWrapperBase.execute_model")
@@ -247,45 +268,49 @@ def _fail_worker(where: str, exc: BaseException) -> None:
 
 
 # ------------------------------------------------- KVPROF_TRACE: no code change
-def _install_env_start(Scheduler, WorkerWrapperBase) -> None:
+def _install_env_start(Scheduler, EngineCore) -> None:
+    """With KVPROF_TRACE set, recording starts as soon as the EngineCore builds its scheduler.
+
+    The plugin loads inside ``EngineCore.__init__``, so the scheduler's constructor is
+    the first kvprof can wrap; the EngineCore (for its executor, to reach the workers)
+    is found on the call stack that builds the scheduler."""
     if not os.environ.get(ENV_TRACE):
         return
     original_init = Scheduler.__init__
+    if getattr(original_init, "__kvprof_original__", None) is not None:
+        return
 
     def __init__(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
-        _env_start_engine(self)
+        _env_start_engine(self, _calling_instance(EngineCore))
 
+    __init__.__kvprof_original__ = original_init
     Scheduler.__init__ = __init__
+
+
+def _calling_instance(cls):
+    frame = sys._getframe(2)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, cls):
+            return candidate
+        frame = frame.f_back
+    return None
 
 
 def _env_options() -> dict:
     return {"detail": os.environ.get(ENV_DETAIL, "blocks")}
 
 
-def _env_start_engine(scheduler) -> None:
+def _env_start_engine(scheduler, engine_core) -> None:
     from kvprof.recorder.session import prepare_target
     path = os.environ[ENV_TRACE]
+    executor = getattr(engine_core, "model_executor", None)
     try:
         prepare_target(path, overwrite=os.environ.get(ENV_OVERWRITE) == "1")
-        start_engine_recorder(scheduler, path, _env_options())
-        atexit.register(stop_engine_recorder)
+        start_engine_recorder(scheduler, path, _env_options(), executor=executor)
     except Exception as exc:
         log.warning("kvprof: KVPROF_TRACE=%s not recorded: %s", path, exc)
-
-
-_env_worker_tried = False
-
-
-def _maybe_env_start_worker(wrapper) -> None:
-    """Workers start recording lazily, after the EngineCore has prepared the files."""
-    global _env_worker_tried
-    if _env_worker_tried or not os.environ.get(ENV_TRACE):
         return
-    _env_worker_tried = True
-    from kvprof.hooks.worker import WorkerRecorder
-    try:
-        ProcessState.worker_recorder = WorkerRecorder(wrapper, os.environ[ENV_TRACE], _env_options())
-        atexit.register(lambda: ProcessState.worker_recorder and ProcessState.worker_recorder.close())
-    except Exception as exc:
-        logging.getLogger("kvprof").warning("kvprof: worker not traced: %s", exc)
+    if executor is None:
+        log.warning("kvprof: KVPROF_TRACE: no EngineCore found, forward timings not recorded")

@@ -53,10 +53,12 @@ class WorkerRecorder:
             start = self.event_cls(enable_timing=True)
             start.record()
         t0 = _now()
-        return getattr(scheduler_output, "kvprof_step", -1), t0, start, t0 - entered
+        # vLLM's step with nothing scheduled comes last before the engine idles: flush then.
+        idle_next = getattr(scheduler_output, "total_num_scheduled_tokens", 1) == 0
+        return getattr(scheduler_output, "kvprof_step", -1), t0, start, t0 - entered, idle_next
 
     def after_forward(self, token: tuple) -> None:
-        step, t0, start, before_cost = token
+        step, t0, start, before_cost, idle_next = token
         t1 = _now()
         rows = self.rows
         if start is not None:
@@ -66,9 +68,9 @@ class WorkerRecorder:
             self._resolve_events()
         if len(rows) % self.rss_every == 0:
             self.rss_value = self.rss.read()
-        rows.append((step, self.rank, t0, t1, None, self.rss_value,
-                     before_cost + _now() - t1, *self.gpu.read()))
-        if t1 - self.last_flush_ns >= self.flush_interval_ns:
+        gpu = self.gpu.read()
+        rows.append((step, self.rank, t0, t1, None, self.rss_value, before_cost + _now() - t1, *gpu))
+        if idle_next or t1 - self.last_flush_ns >= self.flush_interval_ns:
             self.flush()
 
     def after_sample(self) -> None:

@@ -48,7 +48,7 @@ class GpuReader:
             import pynvml
             pynvml.nvmlInit()
             self._nvml = pynvml
-            self._nvml_handle = pynvml.nvmlDeviceGetHandleByIndex(self._device)
+            self._nvml_handle = _nvml_handle(pynvml, torch, self._device)
         except Exception:
             self._nvml_handle = None
 
@@ -62,3 +62,12 @@ class GpuReader:
             used = self._nvml.nvmlDeviceGetMemoryInfo(self._nvml_handle).used
         return (used, cuda.memory_allocated(self._device), cuda.memory_reserved(self._device),
                 cuda.max_memory_allocated(self._device))
+
+
+def _nvml_handle(pynvml, torch, device: int):
+    """NVML counts physical GPUs; torch's index is after CUDA_VISIBLE_DEVICES: match by UUID."""
+    try:
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+        return pynvml.nvmlDeviceGetHandleByUUID(("GPU-" + uuid) if not uuid.startswith("GPU-") else uuid)
+    except Exception:
+        return pynvml.nvmlDeviceGetHandleByIndex(device)
