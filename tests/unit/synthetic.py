@@ -51,6 +51,7 @@ class _Req:
     emitted: int = 0
     scheduled_before: bool = False
     resumed: bool = False
+    recomputing: bool = False           # resumed, recomputation not finished yet
     blocks: int = 0
     first_scheduled_ns: int = -1
     first_scheduled_step: int = -1
@@ -134,9 +135,12 @@ class Simulation:
             r.computed = r.spec.cached
             r.first_scheduled_ns, r.first_scheduled_step = now, step
         tokens = min(r.spec.prompt + r.emitted - r.computed, budget)
-        phase = (S.PHASE_RESUMED if r.resumed else S.PHASE_PREFILL if not r.scheduled_before
+        phase = (S.PHASE_RESUMED if r.resumed else S.PHASE_RECOMPUTE if r.recomputing
+                 else S.PHASE_PREFILL if not r.scheduled_before
                  else S.PHASE_CHUNKED if r.emitted == 0 else S.PHASE_DECODE)
         scheduled.append((r, phase, tokens, r.computed))
+        r.recomputing = phase in (S.PHASE_RESUMED, S.PHASE_RECOMPUTE) and \
+            r.computed + tokens < r.spec.prompt + r.emitted
         r.scheduled_before, r.resumed = True, False
         return tokens
 
@@ -190,7 +194,7 @@ class Simulation:
             "t_update_start_ns": end - 50_000, "t_update_end_ns": end,
             "num_running": len(self.running) + n_finished, "num_waiting": len(self.waiting),
             "num_prefill_reqs": phases.count(S.PHASE_PREFILL),
-            "num_chunked_reqs": phases.count(S.PHASE_CHUNKED),
+            "num_chunked_reqs": phases.count(S.PHASE_CHUNKED) + phases.count(S.PHASE_RECOMPUTE),
             "num_decode_reqs": phases.count(S.PHASE_DECODE),
             "num_resumed_reqs": phases.count(S.PHASE_RESUMED),
             "prefill_tokens": sum(x[2] for x in scheduled if x[1] != S.PHASE_DECODE),

@@ -178,6 +178,21 @@ def test_preemption_and_recompute(tmp_path):
     assert (gaps > 1).any()          # the gap across the preemption is not between adjacent steps
 
 
+def test_a_recomputation_in_several_chunks(tmp_path):
+    """Resumed with more tokens than the budget: resumed, then recompute chunks, then decodes."""
+    engine = Engine(max_num_batched_tokens=64)
+    path, truth = make(tmp_path, [Spec(prompt=150, output=10, preempt_at=(6,))], engine)
+    a = analyze(read_trace(str(path)))
+    phases = truth.rows["phase"].tolist()
+    resumed = phases.index(S.PHASE_RESUMED)
+    assert phases[resumed + 1:resumed + 3] == [S.PHASE_RECOMPUTE] * 2
+    assert a.tokens.output == 10
+    assert a.kv.recomputed_tokens == truth.recomputed_tokens == truth.preempted_tokens
+    assert_summary(a.to_dict()["latency_ms"]["itl"], ref_latency(truth)["itl"])
+    assert a.batch.mean_prefill_requests == pytest.approx(
+        np.mean(np.isin(truth.steps["step"], truth.rows["step"][truth.rows["phase"] != S.PHASE_DECODE])))
+
+
 def test_requests_still_running_at_the_end(tmp_path):
     engine = Engine(max_steps=30, max_num_seqs=2)
     specs = [Spec(prompt=10, output=5), Spec(prompt=10, output=100), Spec(prompt=10, output=3),

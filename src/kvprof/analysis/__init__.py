@@ -85,6 +85,21 @@ class Analysis:
         }
 
 
+@dataclass
+class Selection:
+    """The selected steps' columns and where they lie in the whole trace."""
+
+    steps: dict[str, np.ndarray]       # columns of the selected steps only
+    mask: np.ndarray                   # over all steps of the trace
+    step_range: tuple[int, int] | None   # first and last selected step number; None: all
+    origin_ns: int                     # the trace start
+    span_ns: tuple[int, int]           # first schedule start, last update end
+
+    @property
+    def duration_s(self) -> float:
+        return (self.span_ns[1] - self.span_ns[0]) / NS_PER_S
+
+
 def analyze(trace, window: tuple[float | None, float | None] | None = None,
             predict: tuple = ()) -> Analysis:
     """Analyse ``trace``; ``window`` = (start, end) seconds from the trace start, end excluded."""
@@ -95,13 +110,25 @@ def analyze(trace, window: tuple[float | None, float | None] | None = None,
     if not (requests["finish_ns"] >= 0).any():
         raise EmptyTraceError(f"{trace.path}: no request finished in the trace "
                               f"({requests['req'].size} requests recorded); nothing to measure")
-    in_window = select_steps(steps["t_schedule_start_ns"], window)
-    sel = {name: col[in_window] for name, col in steps.items()}
-    step_range = (int(sel["step"].min()), int(sel["step"].max()))
-    chosen = _finished_in(requests, step_range if window else None)
-    result = replay(trace, steps, requests, in_window, chosen)
-    return _assemble(trace, window, predict, steps, sel, requests, chosen, result, in_window,
-                     step_range)
+    sel = _selection(steps, window)
+    chosen = _in_range(requests["finish_step"], sel.step_range) & (requests["finish_ns"] >= 0)
+    result = replay(trace, steps, requests, sel.mask, chosen)
+    return _assemble(trace, window, predict, sel, requests, chosen, result)
+
+
+def _selection(steps: dict, window) -> Selection:
+    mask = select_steps(steps["t_schedule_start_ns"], window)
+    sel = {name: col[mask] for name, col in steps.items()}
+    step_range = (int(sel["step"].min()), int(sel["step"].max())) if window else None
+    return Selection(sel, mask, step_range, int(steps["t_schedule_start_ns"][0]),
+                     (int(sel["t_schedule_start_ns"][0]), int(sel["t_update_end_ns"][-1])))
+
+
+def _in_range(step: np.ndarray, step_range) -> np.ndarray:
+    """Steps (of requests' events) within the selection; -1 (never) is outside."""
+    if step_range is None:
+        return step >= 0
+    return (step >= step_range[0]) & (step <= step_range[1])
 
 
 def select_steps(schedule_start_ns: np.ndarray, window) -> np.ndarray:
@@ -165,15 +192,6 @@ def arrow_table(columns: dict) -> pa.Table:
                      for name, c in columns.items()})
 
 
-def _finished_in(requests: dict, step_range) -> np.ndarray:
-    """Requests that enter latency stats: finished (within the window's steps, if any)."""
-    done = requests["finish_ns"] >= 0
-    if step_range is not None:
-        step = requests["finish_step"]
-        done &= (step >= step_range[0]) & (step <= step_range[1])
-    return done
-
-
 @dataclass
 class Replay:
     """What the kernel's pass over request_steps gives back, per step (all steps) and per request."""
@@ -216,20 +234,21 @@ def replay(trace, steps: dict, requests: dict, in_window: np.ndarray, chosen: np
     per_step, per_req, other, totals = kernels.new_state(end_ns.size, n_req, rows.num_rows)
     for batch in rows.to_batches():
         if batch.num_rows:
-            kernels.replay_batch(*_batch_arrays(batch, trace.path), step_min, lookup, window, end_ns, prompt,
-                                 latency_req, per_step, per_req, other, totals)
+            kernels.replay_batch(*_batch_arrays(batch, trace.path), step_min, lookup, window,
+                                 end_ns, prompt, latency_req, per_step, per_req, other, totals)
     return _replay_result(kernels, per_step, per_req, other[:totals[kernels.TOTAL_OTHER_GAPS]],
                           totals, end_ns)
 
 
 def _replay_result(k, per_step, per_req, other, totals, end_ns) -> Replay:
     """ITL as (value, count) pairs: adjacent-step gaps counted per step, the rest one by one."""
-    next_gaps = per_step[k.STEP_NEXT_GAPS]
+    next_gaps = per_step[:, k.STEP_NEXT_GAPS]
     adjacent = np.flatnonzero(next_gaps[1:]) + 1
     values = np.concatenate([end_ns[adjacent] - end_ns[adjacent - 1], other])
     counts = np.concatenate([next_gaps[adjacent], np.ones(other.size, np.int64)])
-    return Replay(per_step[k.STEP_CONTEXT], per_step[k.STEP_EMITTED], per_step[k.STEP_RECOMPUTED],
-                  values, counts, per_req[k.REQ_EMITTED], per_req[k.REQ_SEEN],
+    return Replay(per_step[:, k.STEP_CONTEXT], per_step[:, k.STEP_EMITTED],
+                  per_step[:, k.STEP_RECOMPUTED], values, counts, per_req[:, k.REQ_EMITTED],
+                  per_req[:, k.REQ_SEEN],
                   int(totals[k.TOTAL_DECODE_CONTEXT]), int(totals[k.TOTAL_DECODE_ROWS]))
 
 
@@ -260,57 +279,46 @@ def _step_lookup(step_numbers: np.ndarray, path: str) -> tuple[int, np.ndarray]:
 
 def _request_count(table_req: np.ndarray, row_req: pa.ChunkedArray, path: str) -> int:
     """Size of the dense per-request state; refuses absurd request indices."""
-    row_top = max((int(_chunk_values(c, np.dtype(np.int32)).max()) for c in row_req.chunks if len(c)),
-                  default=-1)
+    row_top = max((int(_chunk_values(c, np.dtype(np.int32)).max())
+                   for c in row_req.chunks if len(c)), default=-1)
     top = max(int(table_req.max(initial=-1)), row_top)
     if top > 4 * (table_req.size + len(row_req)) + 1024:
         raise TraceFormatError(f"{path}: request index {top} is out of range (corrupt trace?)")
     return top + 1
 
 
-def _assemble(trace, window, predict, steps, sel, requests, chosen, rp: Replay, in_sel,
-              step_range) -> Analysis:
+def _assemble(trace, window, predict, sel: Selection, requests, chosen, rp: Replay) -> Analysis:
     """Run the per-topic analyses on the selection and the kernel's results."""
-    origin = int(steps["t_schedule_start_ns"][0])
-    span = (int(sel["t_schedule_start_ns"][0]), int(sel["t_update_end_ns"][-1]))
-    duration = (span[1] - span[0]) / NS_PER_S
-    admitted = _admitted_in(requests, step_range if window else None)
+    st, mask = sel.steps, sel.mask
+    admitted = _in_range(requests["first_scheduled_step"], sel.step_range)
     tokens = Tokens(input=int(requests["prompt_tokens"][admitted].sum()),
                     cached_input=int(requests["cached_prompt_tokens"][admitted].sum()),
-                    output=int(rp.emitted[in_sel].sum()), scheduled=int(sel["total_tokens"].sum()))
-    n_done = int(chosen.sum())
-    events = {"output_tokens_per_s": (sel["t_update_end_ns"], rp.emitted[in_sel]),
-              "input_tokens_per_s": (requests["first_scheduled_ns"][admitted],
-                                     requests["prompt_tokens"][admitted]),
-              "requests_per_s": (requests["finish_ns"][chosen], np.ones(n_done))}
+                    output=int(rp.emitted[mask].sum()), scheduled=int(st["total_tokens"].sum()))
     engine, run_kv = trace.run.get("engine", {}), trace.run.get("kv", {})
     done = {name: col[chosen] for name, col in requests.items()}
-    kv_result = kv(sel, run_kv, tokens.input, tokens.cached_input, int(rp.recomputed[in_sel].sum()))
-    batch_result = batch(sel, engine)
-    seen = int(rp.req_seen.sum())
-    latency_result = latency(done, rp.itl_values_ns, rp.itl_counts)
+    kv_result = kv(st, run_kv, tokens.input, tokens.cached_input, int(rp.recomputed[mask].sum()))
+    batch_result = batch(st, engine)
+    seen, n_done = int(rp.req_seen.sum()), int(chosen.sum())
     return Analysis(
-        path=trace.path, format_version=trace.format_version,
-        window_s=_window_bounds(window), duration_s=duration, steps=int(in_sel.sum()),
-        requests=seen, requests_finished=n_done, requests_unfinished=max(seen - n_done, 0),
-        tokens=tokens, throughput=throughput(tokens, n_done, duration, span, origin, events),
-        latency=latency_result,
-        batch=batch_result, kv=kv_result,
-        memory=memory(sel, _columns(trace["forward"]), run_kv.get("bytes_per_block"),
-                      step_range if window else None),
-        step_time_model=_step_model(sel, rp.context[in_sel], done, rp, predict, kv_result,
-                                    engine, batch_result, tokens.output / duration if duration else 0.0),
-        timeline=_timeline(sel, rp, in_sel, origin),
-        all_request_ids=trace["requests"].column("request_id"), finished_rows=chosen,
-        run=trace.run, warnings=list(trace.warnings))
+        path=trace.path, format_version=trace.format_version, window_s=_window_bounds(window),
+        duration_s=sel.duration_s, steps=int(mask.sum()), requests=seen,
+        requests_finished=n_done, requests_unfinished=max(seen - n_done, 0), tokens=tokens,
+        throughput=throughput(tokens, n_done, sel.duration_s, sel.span_ns, sel.origin_ns,
+                              _events(sel, rp, requests, admitted, chosen)),
+        latency=latency(done, rp.itl_values_ns, rp.itl_counts), batch=batch_result, kv=kv_result,
+        memory=memory(st, _columns(trace["forward"]), run_kv.get("bytes_per_block"), sel.step_range),
+        step_time_model=_step_model(sel, rp, done, predict, kv_result, engine, batch_result,
+                                    tokens.output / sel.duration_s if sel.duration_s else 0.0),
+        timeline=_timeline(sel, rp), all_request_ids=trace["requests"].column("request_id"),
+        finished_rows=chosen, run=trace.run, warnings=list(trace.warnings))
 
 
-def _admitted_in(requests: dict, step_range) -> np.ndarray:
-    step = requests["first_scheduled_step"]
-    admitted = step >= 0
-    if step_range is not None:
-        admitted &= (step >= step_range[0]) & (step <= step_range[1])
-    return admitted
+def _events(sel: Selection, rp: Replay, requests, admitted, chosen) -> dict:
+    """(time ns, amount) of what throughput counts: tokens out, prompts in, requests done."""
+    return {"output_tokens_per_s": (sel.steps["t_update_end_ns"], rp.emitted[sel.mask]),
+            "input_tokens_per_s": (requests["first_scheduled_ns"][admitted],
+                                   requests["prompt_tokens"][admitted]),
+            "requests_per_s": (requests["finish_ns"][chosen], np.ones(int(chosen.sum())))}
 
 
 def _window_bounds(window) -> tuple[float, float] | None:
@@ -320,11 +328,12 @@ def _window_bounds(window) -> tuple[float, float] | None:
             window[1] if window[1] is not None else float("inf"))
 
 
-def _step_model(sel, context, done, rp: Replay, predict, kv_result: KV, engine, batch_result,
+def _step_model(sel: Selection, rp: Replay, done, predict, kv_result: KV, engine, batch_result,
                 measured_output_rate) -> StepModel:
     """Fit on the selected steps that scheduled tokens; the workload shape of finished requests."""
-    busy = sel["total_tokens"] > 0
-    step_ns = (sel["t_update_end_ns"] - sel["t_schedule_start_ns"])[busy]
+    st = sel.steps
+    busy = st["total_tokens"] > 0
+    step_ns = (st["t_update_end_ns"] - st["t_schedule_start_ns"])[busy]
     prompt, out = done["prompt_tokens"], done["output_tokens"]
     mean_prompt = float(prompt.mean()) if prompt.size else 0.0
     mean_out = float(out.mean()) if out.size else 1.0
@@ -334,20 +343,21 @@ def _step_model(sel, context, done, rp: Replay, predict, kv_result: KV, engine, 
     limits = {"blocks_total": kv_result.blocks_total, "block_size": kv_result.block_size,
               "max_num_batched_tokens": engine.get("max_num_batched_tokens"),
               "max_running": batch_result.max_running}
-    return step_model(step_ns, sel["num_decode_reqs"][busy], sel["prefill_tokens"][busy],
-                      context[busy], workload, tuple(predict), limits,
+    return step_model(step_ns, st["num_decode_reqs"][busy], st["prefill_tokens"][busy],
+                      rp.context[sel.mask][busy], workload, tuple(predict), limits,
                       observed=(batch_result.mean_running, measured_output_rate))
 
 
-def _timeline(sel, rp: Replay, in_sel, origin: int) -> pa.Table:
+def _timeline(sel: Selection, rp: Replay) -> pa.Table:
     """Per selected step: time from the trace start and the series the plots draw."""
+    st = sel.steps
     return arrow_table({
-        "step": sel["step"],
-        "t_s": (sel["t_schedule_start_ns"] - origin) / NS_PER_S,
-        "step_ms": (sel["t_update_end_ns"] - sel["t_schedule_start_ns"]) / 1e6,
-        "running": sel["num_running"], "waiting": sel["num_waiting"],
-        "kv_blocks_used": sel["kv_blocks_used"], "decode_requests": sel["num_decode_reqs"],
-        "prefill_tokens": sel["prefill_tokens"], "total_tokens": sel["total_tokens"],
-        "context_tokens": rp.context[in_sel], "output_tokens": rp.emitted[in_sel],
-        "rss_bytes": sel["rss_bytes"],
+        "step": st["step"],
+        "t_s": (st["t_schedule_start_ns"] - sel.origin_ns) / NS_PER_S,
+        "step_ms": (st["t_update_end_ns"] - st["t_schedule_start_ns"]) / 1e6,
+        "running": st["num_running"], "waiting": st["num_waiting"],
+        "kv_blocks_used": st["kv_blocks_used"], "decode_requests": st["num_decode_reqs"],
+        "prefill_tokens": st["prefill_tokens"], "total_tokens": st["total_tokens"],
+        "context_tokens": rp.context[sel.mask], "output_tokens": rp.emitted[sel.mask],
+        "rss_bytes": st["rss_bytes"],
     })

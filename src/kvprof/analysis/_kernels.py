@@ -12,9 +12,9 @@ from numba import njit
 
 from kvprof.format.schema import PHASE_DECODE
 
-# Rows of the per-step output (shape (4, steps)).
+# Columns of the per-step output (shape (steps, 4)).
 STEP_CONTEXT, STEP_EMITTED, STEP_RECOMPUTED, STEP_NEXT_GAPS = range(4)
-# Rows of the per-request state (shape (4, requests)).
+# Columns of the per-request state (shape (requests, 4): one cache line per request).
 REQ_EMITTED, REQ_LAST_POS, REQ_HIGH_WATER, REQ_SEEN = range(4)
 # Entries of the scalar totals (shape (3,)).
 TOTAL_OTHER_GAPS, TOTAL_DECODE_CONTEXT, TOTAL_DECODE_ROWS = range(3)
@@ -22,9 +22,9 @@ TOTAL_OTHER_GAPS, TOTAL_DECODE_CONTEXT, TOTAL_DECODE_ROWS = range(3)
 
 def new_state(n_steps: int, n_req: int, n_rows: int):
     """Zeroed (per-step, per-request, other gaps, totals) arrays for ``replay_batch``."""
-    per_req = np.zeros((4, n_req), np.int64)
-    per_req[REQ_LAST_POS] = -1
-    return np.zeros((4, n_steps), np.int64), per_req, np.empty(max(n_rows, 1), np.int64), \
+    per_req = np.zeros((n_req, 4), np.int64)
+    per_req[:, REQ_LAST_POS] = -1
+    return np.zeros((n_steps, 4), np.int64), per_req, np.empty(max(n_rows, 1), np.int64), \
         np.zeros(3, np.int64)
 
 
@@ -37,7 +37,7 @@ def replay_batch(step, req, phase, tokens, computed, step_min, step_pos, in_wind
     so far (a request of unknown prompt length, -1, samples on decode rows). Tokens
     are emitted at their step's ``step_end_ns``. Inter-token gaps are kept for the
     requests flagged in ``latency_req``: a gap between adjacent steps s-1 and s is only
-    counted (``per_step[STEP_NEXT_GAPS, s]``; its value is end[s] - end[s-1]), any other
+    counted (``per_step[s, STEP_NEXT_GAPS]``; its value is end[s] - end[s-1]), any other
     gap value is appended to ``other_gaps``; ITL stays exact without one value per token.
     Tokens recomputed after a preemption: the part of a row below its request's
     high-water mark of computed tokens.
@@ -55,34 +55,34 @@ def replay_batch(step, req, phase, tokens, computed, step_min, step_pos, in_wind
             continue
         done = np.int64(computed[i])
         ctx = done + tokens[i]
-        high = per_req[REQ_HIGH_WATER, r]
+        high = per_req[r, REQ_HIGH_WATER]
         redo = min(ctx, high) - done
         if ctx > high:
-            per_req[REQ_HIGH_WATER, r] = ctx
-        emitted = per_req[REQ_EMITTED, r]
+            per_req[r, REQ_HIGH_WATER] = ctx
+        emitted = per_req[r, REQ_EMITTED]
         if prompt[r] >= 0:
             samples = ctx >= prompt[r] + emitted
         else:
             samples = phase[i] == PHASE_DECODE
         if in_window[s]:
-            per_step[STEP_CONTEXT, s] += ctx
-            per_req[REQ_SEEN, r] = 1
+            per_step[s, STEP_CONTEXT] += ctx
+            per_req[r, REQ_SEEN] = 1
             if redo > 0:
-                per_step[STEP_RECOMPUTED, s] += redo
+                per_step[s, STEP_RECOMPUTED] += redo
             if phase[i] == PHASE_DECODE:
                 totals[TOTAL_DECODE_CONTEXT] += ctx
                 totals[TOTAL_DECODE_ROWS] += 1
             if samples:
-                per_step[STEP_EMITTED, s] += 1
+                per_step[s, STEP_EMITTED] += 1
         if not samples:
             continue
-        last = per_req[REQ_LAST_POS, r]
+        last = per_req[r, REQ_LAST_POS]
         if latency_req[r] and last >= 0:
             if last == s - 1:
-                per_step[STEP_NEXT_GAPS, s] += 1
+                per_step[s, STEP_NEXT_GAPS] += 1
             else:
                 other_gaps[n_other] = step_end_ns[s] - step_end_ns[last]
                 n_other += 1
-        per_req[REQ_EMITTED, r] = emitted + 1
-        per_req[REQ_LAST_POS, r] = s
+        per_req[r, REQ_EMITTED] = emitted + 1
+        per_req[r, REQ_LAST_POS] = s
     totals[TOTAL_OTHER_GAPS] = n_other

@@ -25,7 +25,7 @@ class Batch:
     mixed_steps: int
     idle_steps: int                    # no token scheduled
     mean_decode_requests: float
-    mean_prefill_requests: float       # prefill + chunked + resumed
+    mean_prefill_requests: float       # prefill + chunked (and recompute) + resumed
     prefill_token_share: float         # prefill tokens / scheduled tokens
     max_num_seqs: int | None
     steps_at_max_seqs: float | None    # share of steps with running >= max_num_seqs

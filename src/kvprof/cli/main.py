@@ -11,8 +11,7 @@ import sys
 from kvprof import __version__
 from kvprof.errors import KvprofError, UsageError
 
-COMMANDS = ("kvprof.cli.run:RunCommand", "kvprof.cli.info:InfoCommand",
-            "kvprof.cli.analyze:AnalyzeCommand")
+COMMANDS = ("kvprof.cli.run:RunCommand", "kvprof.cli.info:InfoCommand", "kvprof.cli.analyze:AnalyzeCommand")
 
 
 class _Parser(argparse.ArgumentParser):
