@@ -43,7 +43,7 @@ def test_async_llm_example(tmp_path):
     trace = kvprof.open_trace(path)
     assert trace.complete
     req = trace["requests"].to_pandas()
-    assert len(req) == 40 and (req.output_tokens == 12).all()
+    assert len(req) == 40 and (req.output_tokens == 12).all() and req.req.is_unique
     assert sorted(r.rsplit("-", 1)[0] for r in req.request_id) == sorted(f"req-{i}" for i in range(40))
 
 

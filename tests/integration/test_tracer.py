@@ -70,6 +70,8 @@ def test_trace_is_complete_and_counts_match(run):
     assert trace.complete, trace.warnings
     assert trace.format_version == S.FORMAT_VERSION
     assert trace["requests"].num_rows == len(run["wl"].requests)
+    req = trace["requests"].to_pandas()
+    assert req.req.is_unique and req.request_id.is_unique
     assert trace["steps"].num_rows == run["summary"]["steps"]
     assert trace["forward"].num_rows >= trace["steps"].num_rows
 

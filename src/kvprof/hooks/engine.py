@@ -55,6 +55,7 @@ class EngineRecorder:
             tables[table] = os.path.join(parts_dir(path), name)
         self.session = TraceSession(path, tables, "engine_core", run)
         self.req_index: dict[str, int] = {}
+        self.requests_seen = 0
         self.buffers = {t: ColumnBuffer(t, S.TABLES[t]) for t in tables}
         self.buffers["steps"] = RowBuffer("steps", S.STEPS)
         self.buffers["request_steps"] = RequestStepBuffer(self.req_index)
@@ -93,8 +94,9 @@ class EngineRecorder:
 
     def index_of(self, request_id: str) -> int:
         idx = self.req_index.get(request_id)
-        if idx is None:
-            idx = self.req_index[request_id] = len(self.req_index)
+        if idx is None:   # a counter, not len(): finished ids leave the index
+            idx = self.req_index[request_id] = self.requests_seen
+            self.requests_seen += 1
             self.req_track[idx] = [-1, -1, -1, -1, -1, 0]
         return idx
 
@@ -216,10 +218,7 @@ class EngineRecorder:
                 owner.update(dict.fromkeys(b[0], self.req_index[rid]))
         ev = self.blocks
         for i in range(self.attr_from, len(ev)):
-            if ev.req[i] < 0 and ev.kind[i] != S.BLOCK_EVICT:
-                ev.req[i] = owner.get(ev.block_id[i], -1)
-        for i in range(self.attr_from, len(ev)):
-            if ev.kind[i] == S.BLOCK_EVICT and ev.req[i] < 0:
+            if ev.req[i] < 0:
                 ev.req[i] = owner.get(ev.block_id[i], -1)
 
     def before_update(self) -> int:
@@ -386,7 +385,7 @@ class EngineRecorder:
         finally:
             self.rss.close()
         return self.session.close(cut_short, extra={
-            "steps": self.rows_emitted, "requests_seen": len(self.req_index),
+            "steps": self.rows_emitted, "requests_seen": self.requests_seen,
             "kv_blocks_used_at_start": self.kv_used_at_start})
 
 
