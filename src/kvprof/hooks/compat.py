@@ -34,6 +34,26 @@ VLLM_NAMES: tuple[tuple[str, str, str], ...] = (
 )
 
 
+# Instance attributes and fields read (not checkable on the classes; the integration
+# tests on the real engine exercise every one of them):
+VLLM_ATTRIBUTES: tuple[str, ...] = (
+    "Scheduler.requests", "Scheduler.running", "Scheduler.waiting", "Scheduler.block_size",
+    "Scheduler.kv_cache_config", "Scheduler.kv_cache_manager.block_pool", "Scheduler.vllm_config",
+    "BlockPool.num_gpu_blocks", "BlockPool.cached_block_hash_to_block",
+    "KVCacheBlock.block_id", "KVCacheBlock.ref_cnt", "KVCacheBlock.is_null",
+    "Request.request_id", "Request.arrival_time", "Request.num_prompt_tokens",
+    "Request.num_output_tokens", "Request.num_computed_tokens", "Request.num_preemptions",
+    "Request.max_tokens", "Request.status", "Request.get_finished_reason", "Request.prompt_token_ids",
+    "SchedulerOutput.scheduled_new_reqs (req_id, block_ids, num_computed_tokens)",
+    "SchedulerOutput.scheduled_cached_reqs (req_ids, resumed_req_ids, new_block_ids, "
+    "num_computed_tokens, num_output_tokens)",
+    "SchedulerOutput.num_scheduled_tokens", "SchedulerOutput.total_num_scheduled_tokens",
+    "EngineCore.scheduler", "EngineCore.model_executor", "Executor.collective_rpc",
+    "EngineCoreClient.call_utility / call_utility_async", "LLM.llm_engine.engine_core",
+    "WorkerWrapperBase.rpc_rank", "WorkerWrapperBase.worker.model_runner.model",
+)
+
+
 @dataclass(frozen=True)
 class CompatReport:
     vllm_version: str
