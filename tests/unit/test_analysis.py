@@ -405,3 +405,23 @@ def test_importing_the_analysis_loads_neither_numba_nor_pandas():
             "assert not heavy, heavy")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_results_identical_with_numba_jit_disabled(tmp_path):
+    """The kernel is also plain Python: NUMBA_DISABLE_JIT=1 must give the same report."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    golden = os.path.join(os.path.dirname(__file__), "..", "data", "golden-1.0", "trace.arrow")
+    reports = []
+    for disable in ("0", "1"):
+        proc = subprocess.run([sys.executable, "-m", "kvprof", "analyze", "--json", golden],
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "NUMBA_DISABLE_JIT": disable})
+        assert proc.returncode == 0, proc.stderr
+        reports.append(json.loads(proc.stdout))
+    for report in reports:
+        report.pop("trace", None)
+    assert reports[0] == reports[1]
