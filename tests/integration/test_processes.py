@@ -31,8 +31,7 @@ def test_env_variable_traces_without_code_change(tmp_path):
     trace = kvprof.open_trace(path)
     req = trace["requests"].to_pandas()
     assert len(req) == 12 and (req.output_tokens == 8).all()
-    assert trace["forward"].num_rows >= trace["steps"].num_rows > 0
-    assert trace.complete, trace.warnings
+    _assert_closed_after_idle(trace)
 
 
 def test_async_llm_example(tmp_path):
@@ -132,7 +131,16 @@ def test_openai_server_traced_through_plugin_with_no_code_change(tmp_path):
     req = trace["requests"].to_pandas()
     assert len(req) == 5 and (req.output_tokens == 6).all()
     assert trace["steps"].num_rows >= 6
-    assert trace.complete, trace.warnings   # engine and worker both closed their files
+    _assert_closed_after_idle(trace)
+
+
+def _assert_closed_after_idle(trace):
+    """The EngineCore closed its files; the worker had flushed every forward when the
+    engine went idle. (vLLM may end the worker before it writes its end record.)"""
+    end = trace.end_records["engine_core"]
+    assert end["complete"] and not end["rows_dropped"], end
+    forward = trace["forward"].to_pandas()
+    assert set(trace["steps"].to_pandas().step) <= set(forward.step)
 
 
 def _wait_for_http(url, proc, timeout):
