@@ -198,3 +198,13 @@ def test_analysis_latencies_match_vllm_metrics(run):
     assert report["tokens"]["output"] == sum(len(o.outputs[0].token_ids) for o in run["traced"])
     assert report["tokens"]["input"] == sum(len(o.prompt_token_ids) for o in run["traced"])
     assert report["requests"] == len(run["traced"]) and report["kv"]["preemptions"] == 0
+
+
+def test_trace_accepts_the_llm_engine_itself(engine, run, tmp_path):
+    path = tmp_path / "llm_engine.arrow"
+    with kvprof.trace(engine.llm_engine, path):
+        outputs = _generate(engine, run["wl"])
+    assert _tokens(outputs) == _tokens(run["untraced"])
+    trace = kvprof.open_trace(path)
+    assert trace["requests"].num_rows == len(run["wl"].requests)
+    assert token_identity(trace) == {}
