@@ -10,7 +10,7 @@ import pyarrow.ipc as ipc
 import pytest
 
 import kvprof
-from kvprof.analysis.basic import summarize
+from kvprof.analysis import analyze
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden-1.0" / "trace.arrow"
 REQUESTS = Path(str(GOLDEN) + ".parts") / "requests.arrow"
@@ -23,7 +23,7 @@ def kv():
     trace = kvprof.open_trace(str(GOLDEN))
     steps = trace["steps"]
     per_step = dict(zip(steps.column("step").to_pylist(), steps.column("total_tokens").to_pylist()))
-    output = summarize(trace)["tokens"]["output"]
+    output = _report(trace)["tokens"]["output"]
     assert output > 0 and sum(per_step.values()) > 0
     return output, per_step
 
@@ -77,3 +77,7 @@ def test_the_streams_are_zstd_compressed_arrow():
     reader = ipc.open_stream(GOLDEN)
     assert reader.schema.metadata[b"kvprof.format_version"] == b"1.0"
     assert isinstance(reader.read_all(), pa.Table)
+
+
+def _report(trace) -> dict:
+    return analyze(trace).to_dict()

@@ -88,10 +88,6 @@ def _install() -> None:
     _install_env_start(Scheduler, EngineCore)
 
 
-def _is_engine_recorder(rec) -> bool:
-    return hasattr(rec, "scheduler")
-
-
 def _wrap_free_blocks(BlockPool) -> None:
     """``free_blocks`` may get a one-shot iterator: materialise it once, for both."""
     original = BlockPool.free_blocks
@@ -100,7 +96,7 @@ def _wrap_free_blocks(BlockPool) -> None:
 
     def free_blocks(self, ordered_blocks, *args, **kwargs):
         rec = ProcessState.recorder
-        if rec is None or not _is_engine_recorder(rec) or rec.pool is not self:
+        if rec is None or rec.pool is not self:   # worker recorders live in their own slot
             return original(self, ordered_blocks, *args, **kwargs)
         t = _clock()
         blocks = list(ordered_blocks)   # a one-shot iterator, materialised once for both
