@@ -5,7 +5,7 @@ setup:
 	@bash scripts/setup.sh
 
 run: setup
-	.venv/bin/kvprof run
+	.venv/bin/kvprof sweep
 
 test: setup
 	.venv/bin/python -m pytest -q tests

@@ -25,12 +25,13 @@ class Trace:
                         "record_prompts": record_prompts, "fault_point": _fault_point}
         self.client, self.is_async = _engine_core_client(engine)
         self.summary: dict | None = None
+        self.started: dict | None = None   # the EngineCore's answer: its pid, the workers' pids
         self.active = False
 
     # ------------------------------------------------------------ sync
     def start(self) -> "Trace":
         self._prepare()
-        self._call("kvprof_start", self.path, self.options)
+        self.started = _checked_start(self._call("kvprof_start", self.path, self.options))
         self.active = True
         return self
 
@@ -48,13 +49,20 @@ class Trace:
     def __enter__(self) -> "Trace":
         return self.start()
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.stop()
+            return
+        try:   # the block's own error (say vLLM's EngineDeadError) is the one the caller sees
+            self.stop()
+        except Exception:
+            self.active = False
 
     # ----------------------------------------------------------- async
     async def start_async(self) -> "Trace":
         self._prepare()
-        await self.client.call_utility_async("kvprof_start", self.path, self.options)
+        self.started = _checked_start(
+            await self.client.call_utility_async("kvprof_start", self.path, self.options))
         self.active = True
         return self
 
@@ -68,16 +76,18 @@ class Trace:
     async def __aenter__(self) -> "Trace":
         return await self.start_async()
 
-    async def __aexit__(self, *exc) -> None:
-        await self.stop_async()
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            await self.stop_async()
+            return
+        try:
+            await self.stop_async()
+        except Exception:
+            self.active = False
 
     # --------------------------------------------------------- helpers
     def _prepare(self) -> None:
-        from kvprof.hooks import plugin
-        plugin.register()
-        if plugin.status()["unsupported"]:
-            from kvprof.errors import UnsupportedVllmVersion
-            raise UnsupportedVllmVersion(plugin.status()["unsupported"])
+        ensure_supported()
         prepare_target(self.path, self.overwrite)
 
     def _call(self, method: str, *args):
@@ -87,6 +97,24 @@ class Trace:
         if inproc is not None and hasattr(inproc, method):   # InprocClient: same process
             return getattr(inproc, method)(*args)
         return self.client.call_utility(method, *args)
+
+
+def ensure_supported() -> None:
+    """Raise UnsupportedVllmVersion now when kvprof cannot hook this vLLM: before an engine
+    is started for nothing (``kvprof run`` and ``kvprof sweep`` call it first)."""
+    from kvprof.hooks import plugin
+    plugin.register()
+    if plugin.status()["unsupported"]:
+        from kvprof.errors import UnsupportedVllmVersion
+        raise UnsupportedVllmVersion(plugin.status()["unsupported"])
+
+
+def _checked_start(answer):
+    """The EngineCore could not open the trace's files (a full disk): a clear error here."""
+    if isinstance(answer, dict) and answer.get("error"):
+        from kvprof.errors import TraceTargetError
+        raise TraceTargetError(answer["error"])
+    return answer
 
 
 def _engine_core_client(engine):

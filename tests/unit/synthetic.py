@@ -205,7 +205,7 @@ class Simulation:
             "blocks_revived": 0, "blocks_evicted": 0,
             "prefix_hit_tokens": sum(x[3] for x in admitted),
             "preemptions": len(lost), "preempted_tokens": sum(c for c, _ in lost),
-            "finished": n_finished, "rss_bytes": 1_000_000_000 + 4096 * step, "hook_ns": 1000,
+            "finished": n_finished, "rss_bytes": engine_rss(step), "hook_ns": 1000,
         }
 
     def request_rows(self) -> list[tuple]:
@@ -242,13 +242,20 @@ def _submit(session: TraceSession, table: str, rows: list[tuple], batch_rows: in
 def run_metadata(engine: Engine) -> dict:
     return {"format_version": S.FORMAT_VERSION, "kvprof_version": "test", "vllm_version": "synthetic",
             "kv": {"block_size": engine.block_size, "bytes_per_block": engine.bytes_per_block,
-                   "usable_blocks": engine.usable_blocks, "num_blocks": engine.usable_blocks + 1},
+                   "usable_blocks": engine.usable_blocks, "num_blocks": engine.usable_blocks + 1,
+                   "kv_tensor_bytes": (engine.usable_blocks + 1) * engine.bytes_per_block},
+            "hardware": {"memory_bytes": 64 * 2**30},
             "engine": {"max_num_seqs": engine.max_num_seqs,
                        "max_num_batched_tokens": engine.max_num_batched_tokens}}
 
 
-def write(path: str, sim: Simulation, batch_rows: int = 7, forward: bool = True) -> None:
-    """The simulation's tables through TraceSession, in small batches (state across batches)."""
+def write(path: str, sim: Simulation, batch_rows: int = 7, forward: bool = True,
+          worker: dict | None = None, gpu=None) -> None:
+    """The simulation's tables through TraceSession, in small batches (state across batches).
+
+    ``worker``: the worker's run metadata (weights, RSS at start, cuda); ``gpu``: a
+    function of the step number giving (nvml used, allocated, reserved, peak) bytes.
+    """
     prepare_target(path, overwrite=True)
     parts = parts_dir(path)
     files = {"steps": path, **{t: f"{parts}/{S.PART_FILES[t]}"
@@ -261,19 +268,31 @@ def write(path: str, sim: Simulation, batch_rows: int = 7, forward: bool = True)
     _submit(session, "preemptions", sim.preemptions, batch_rows)
     session.close(extra={"kv_blocks_used_at_start": 0, "steps": len(sim.steps)})
     if forward:
-        worker = TraceSession(path, {"forward": f"{parts}/{S.forward_file(0)}"}, "worker-0", run,
-                              max_pending=100_000)
-        _submit(worker, "forward", [(s["step"], 0, s["t_schedule_end_ns"], s["t_update_start_ns"],
-                                     None, 2_000_000_000 + 8192 * s["step"], 500, None, None,
-                                     None, None) for s in sim.steps], batch_rows)
-        worker.close()
+        session = TraceSession(path, {"forward": f"{parts}/{S.forward_file(0)}"}, "worker-0",
+                               {**run, "worker": worker or {}}, max_pending=100_000)
+        _submit(session, "forward", [(s["step"], 0, s["t_schedule_end_ns"], s["t_update_start_ns"],
+                                      None, worker_rss(s["step"]), 500,
+                                      *(gpu(s["step"]) if gpu else (None,) * 4))
+                                     for s in sim.steps], batch_rows)
+        session.close()
 
 
-def build(path, specs: list[Spec], engine: Engine | None = None, batch_rows: int = 7) -> Truth:
+def worker_rss(step: int) -> int:
+    """The synthetic worker's RSS at ``step``."""
+    return 2_000_000_000 + 8192 * step
+
+
+def engine_rss(step: int) -> int:
+    """The synthetic EngineCore's RSS at ``step``."""
+    return 1_000_000_000 + 4096 * step
+
+
+def build(path, specs: list[Spec], engine: Engine | None = None, batch_rows: int = 7,
+          **write_options) -> Truth:
     """Simulate ``specs``, write the trace at ``path``, return the ground truth."""
     sim = Simulation(specs, engine or Engine())
     sim.run()
-    write(str(path), sim, batch_rows)
+    write(str(path), sim, batch_rows, **write_options)
     steps = {f.name: np.array([s[f.name] for s in sim.steps]) for f in S.STEPS}
     rows = {f.name: np.array([r[i] for r in sim.rows]) for i, f in enumerate(S.REQUEST_STEPS)}
     return Truth(sim.reqs, steps, rows, sum(p[3] for p in sim.preemptions), sim.recomputed)

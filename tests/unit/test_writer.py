@@ -290,7 +290,7 @@ def test_session_close_writes_the_end_record(tmp_path):
     assert record["started_ns"] <= record["stopped_ns"]
     assert session.close() == {}
     trace = read_trace(path)
-    assert trace.complete and trace.run == {"vllm_version": "0.32.0"}
+    assert trace.complete and trace.run == {"vllm_version": "0.32.0", "workers": []}
     assert trace["steps"].num_rows == 2 and trace["requests"].num_rows == 1
 
 

@@ -106,6 +106,7 @@ def analyze(trace, window: tuple[float | None, float | None] | None = None,
     steps = _columns(trace["steps"])
     if steps["step"].size == 0:
         raise EmptyTraceError(f"{trace.path}: the trace holds no steps (empty trace)")
+    check_step_order(steps, trace.path)
     requests = _columns(trace["requests"], _REQUEST_COLUMNS)
     if not (requests["finish_ns"] >= 0).any():
         raise EmptyTraceError(f"{trace.path}: no request finished in the trace "
@@ -114,6 +115,24 @@ def analyze(trace, window: tuple[float | None, float | None] | None = None,
     chosen = _in_range(requests["finish_step"], sel.step_range) & (requests["finish_ns"] >= 0)
     result = replay(trace, steps, requests, sel.mask, chosen)
     return _assemble(trace, window, predict, sel, requests, chosen, result)
+
+
+_STEP_TIMES = ("t_schedule_start_ns", "t_schedule_end_ns", "t_update_start_ns", "t_update_end_ns")
+
+
+def check_step_order(steps: dict, path: str) -> None:
+    """What every recorded trace satisfies: increasing step numbers, schedule starts in
+    order, each row's four times in order on a non-negative clock. A corrupt trace
+    stops here, with one line, instead of overflowing NumPy arithmetic later."""
+    times = [steps[name] for name in _STEP_TIMES]
+    bad = times[0] < 0
+    for earlier, later in zip(times, times[1:]):
+        bad |= earlier > later
+    bad[1:] |= (np.diff(steps["step"]) <= 0) | (np.diff(times[0]) < 0)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise TraceFormatError(f"{path}: steps row {row} (step {int(steps['step'][row])}): step "
+                               f"numbers or times out of order (corrupt trace?)")
 
 
 def _selection(steps: dict, window) -> Selection:
@@ -214,7 +233,8 @@ def load_kernels():
     tiny = {name: _readonly(np.zeros(1, dtype)) for name, dtype in _ROW_DTYPES.items()}
     state = _kernels.new_state(1, 1, 1)
     _kernels.replay_batch(*tiny.values(), 0, np.zeros(1, np.int64), np.zeros(1, np.uint8),
-                          np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.uint8), *state)
+                          np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64),
+                          np.zeros(1, np.uint8), *state)
     return _kernels
 
 
@@ -228,6 +248,9 @@ def replay(trace, steps: dict, requests: dict, in_window: np.ndarray, chosen: np
     latency_req = np.zeros(n_req, np.uint8)
     valid = requests["req"] >= 0
     prompt[requests["req"][valid]] = requests["prompt_tokens"][valid]
+    delivered = np.full(n_req, np.iinfo(np.int64).max, np.int64)
+    finished = valid & (requests["finish_ns"] >= 0)
+    delivered[requests["req"][finished]] = requests["output_tokens"][finished]
     latency_req[requests["req"][chosen & valid]] = 1
     end_ns = np.ascontiguousarray(steps["t_update_end_ns"], np.int64)
     window = in_window.astype(np.uint8)
@@ -235,7 +258,8 @@ def replay(trace, steps: dict, requests: dict, in_window: np.ndarray, chosen: np
     for batch in rows.to_batches():
         if batch.num_rows:
             kernels.replay_batch(*_batch_arrays(batch, trace.path), step_min, lookup, window,
-                                 end_ns, prompt, latency_req, per_step, per_req, other, totals)
+                                 end_ns, prompt, delivered, latency_req, per_step, per_req, other,
+                                 totals)
     return _replay_result(kernels, per_step, per_req, other[:totals[kernels.TOTAL_OTHER_GAPS]],
                           totals, end_ns)
 

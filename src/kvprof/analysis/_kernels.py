@@ -30,7 +30,7 @@ def new_state(n_steps: int, n_req: int, n_rows: int):
 
 @njit(cache=True, nogil=True)
 def replay_batch(step, req, phase, tokens, computed, step_min, step_pos, in_window, step_end_ns,
-                 prompt, latency_req, per_step, per_req, other_gaps, totals):
+                 prompt, delivered, latency_req, per_step, per_req, other_gaps, totals):
     """Replay one batch of request_steps rows (in step order), updating the state in place.
 
     A row samples a token iff computed + tokens >= prompt + tokens its request sampled
@@ -40,7 +40,9 @@ def replay_batch(step, req, phase, tokens, computed, step_min, step_pos, in_wind
     counted (``per_step[s, STEP_NEXT_GAPS]``; its value is end[s] - end[s-1]), any other
     gap value is appended to ``other_gaps``; ITL stays exact without one value per token.
     Tokens recomputed after a preemption: the part of a row below its request's
-    high-water mark of computed tokens.
+    high-water mark of computed tokens. A request samples at most ``delivered[r]``
+    tokens (its output_tokens once finished): vLLM discards the token of a request
+    aborted while its last step ran.
     """
     n_req = prompt.shape[0]
     n_lookup = step_pos.shape[0]
@@ -64,6 +66,7 @@ def replay_batch(step, req, phase, tokens, computed, step_min, step_pos, in_wind
             samples = ctx >= prompt[r] + emitted
         else:
             samples = phase[i] == PHASE_DECODE
+        samples = samples and emitted < delivered[r]
         if in_window[s]:
             per_step[s, STEP_CONTEXT] += ctx
             per_req[r, REQ_SEEN] = 1

@@ -82,11 +82,14 @@ def fit(step_ns: np.ndarray, decode_reqs: np.ndarray, prefill_tokens: np.ndarray
     """Least squares with columns scaled to [0, 1] (conditioning), coefficients in ns."""
     x = design_matrix(decode_reqs, prefill_tokens, context_tokens)
     y = np.asarray(step_ns, np.float64)
-    if len(y) < MIN_STEPS:
+    if len(y) < MIN_STEPS or not (np.isfinite(x).all() and np.isfinite(y).all()):
         return Fit(None, None, None, 0, len(y))
     scale = np.abs(x).max(axis=0)
     scale[scale == 0] = 1.0
-    solution, _, rank, _ = np.linalg.lstsq(x / scale, y, rcond=None)
+    try:
+        solution, _, rank, _ = np.linalg.lstsq(x / scale, y, rcond=None)
+    except np.linalg.LinAlgError:   # only on absurd inputs (a corrupt trace): no model
+        return Fit(None, None, None, 0, len(y))
     coef = solution / scale
     residual = y - x @ coef
     total = float(((y - y.mean()) ** 2).sum())

@@ -11,7 +11,8 @@ import sys
 from kvprof import __version__
 from kvprof.errors import KvprofError, UsageError
 
-COMMANDS = ("kvprof.cli.run:RunCommand", "kvprof.cli.info:InfoCommand", "kvprof.cli.analyze:AnalyzeCommand")
+COMMANDS = ("kvprof.cli.run:RunCommand", "kvprof.cli.info:InfoCommand", "kvprof.cli.analyze:AnalyzeCommand",
+            "kvprof.cli.sweep:SweepCommand", "kvprof.cli.curve:CurveCommand")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -36,9 +36,11 @@ class RunCommand:
 
 def run_traced(args) -> tuple[dict, float]:
     import kvprof
+    from kvprof.api import ensure_supported
     from kvprof.models.engine import make_llm
     from kvprof.models.workload import make_workload
 
+    ensure_supported()
     os.makedirs(os.path.dirname(os.path.abspath(args.trace)), exist_ok=True)
     llm = make_llm(max_num_seqs=args.max_num_seqs)
     workload = make_workload(args.prompts, max_tokens=args.max_tokens, seed=args.seed,

@@ -47,7 +47,7 @@ class Trace:
     def rows_dropped(self) -> dict[str, int]:
         total: dict[str, int] = {}
         for end in self.end_records.values():
-            for table, n in (end.get("rows_dropped") or {}).items():
+            for table, n in row_counts(end.get("rows_dropped")).items():
                 total[table] = total.get(table, 0) + n
         return total
 
@@ -58,13 +58,13 @@ def read_trace(path: str, tables: tuple[str, ...] | None = None) -> Trace:
     warnings: list[str] = []
     steps, meta = read_stream(path, "steps", warnings)
     version = meta.get(S.META_FORMAT, b"").decode()
-    run = _run_metadata(meta, path)
+    run = _checked_run(_run_metadata(meta, path), warnings)
     wanted = tables or tuple(t for t in S.TABLES if t != "steps")
     loaded = {"steps": steps}
     parts = path + S.PARTS_SUFFIX
     for table in wanted:
         if table == "forward":
-            loaded["forward"] = _read_forward(parts, warnings)
+            loaded["forward"], run["workers"] = _read_forward(parts, warnings)
         elif table != "steps":
             part = os.path.join(parts, S.PART_FILES[table])
             if os.path.exists(part) and os.path.getsize(part) > 0:
@@ -78,6 +78,9 @@ def read_trace(path: str, tables: tuple[str, ...] | None = None) -> Trace:
                         "did (crash or kill); read up to the last flushed batch")
     elif trace.end_records["engine_core"].get("cut_short"):
         warnings.append(f"the trace was cut short: {trace.end_records['engine_core']['cut_short']}")
+    for writer, end in sorted(trace.end_records.items()):
+        if writer != "engine_core" and end.get("cut_short"):   # a worker stopped recording early
+            warnings.append(f"{writer} stopped recording early: {end['cut_short']}")
     if trace.rows_dropped:
         warnings.append(f"rows dropped while recording: {trace.rows_dropped}")
     _check_rows_written(trace)
@@ -88,9 +91,8 @@ def _check_rows_written(trace: Trace) -> None:
     """A file cut exactly between batches reads cleanly: the end records tell."""
     written: dict[str, int] = {}
     for end in trace.end_records.values():
-        for table, rows in (end.get("rows_written") or {}).items():
-            if isinstance(rows, int):
-                written[table] = written.get(table, 0) + rows
+        for table, rows in row_counts(end.get("rows_written")).items():
+            written[table] = written.get(table, 0) + rows
     for table, rows in written.items():
         if table in trace.tables and trace.tables[table].num_rows < rows:
             trace.truncated = True
@@ -210,6 +212,9 @@ def conform(tbl: pa.Table, table: str, path: str) -> pa.Table:
         if col.type != f.type:
             raise TraceFormatError(
                 f"{path}: column {table}.{f.name} has type {col.type}, expected {f.type}")
+        if col.null_count and not f.nullable:
+            raise TraceFormatError(
+                f"{path}: column {table}.{f.name} has nulls ({col.null_count} of {len(col)} rows)")
         columns.append(col)
     return pa.Table.from_arrays(columns, schema=pa.schema(S.TABLES[table]))
 
@@ -218,12 +223,26 @@ def empty_table(table: str) -> pa.Table:
     return pa.schema(S.TABLES[table]).empty_table()
 
 
-def _read_forward(parts: str, warnings: list[str]) -> pa.Table:
+def _read_forward(parts: str, warnings: list[str]) -> tuple[pa.Table, list[dict]]:
+    """All workers' forward rows, and each worker's run metadata (weights, device)."""
     files = [f for f in sorted(glob.glob(os.path.join(parts, "forward-*.arrow")))
              if os.path.getsize(f) > 0]
     if not files:
-        return empty_table("forward")
-    return pa.concat_tables([read_stream(f, "forward", warnings)[0] for f in files])
+        return empty_table("forward"), []
+    streams = [read_stream(f, "forward", warnings) for f in files]
+    workers = []
+    for file, (_, meta) in zip(files, streams):
+        try:
+            worker = _run_metadata(meta, file).get("worker") or {}
+        except TraceFormatError as exc:
+            warnings.append(str(exc))
+            continue
+        if isinstance(worker, dict):
+            workers.append({k: v for k, v in worker.items()
+                            if not k.endswith("_bytes") or (isinstance(v, int) and v >= 0)})
+        else:
+            warnings.append(f"{file}: worker metadata is not a JSON object; ignored")
+    return pa.concat_tables([table for table, _ in streams]), workers
 
 
 def _end_records(parts: str) -> dict[str, dict]:
@@ -246,6 +265,36 @@ def _run_metadata(meta: dict, path: str) -> dict:
         raise TraceFormatError(f"{path}: run metadata is not valid JSON") from None
     if not isinstance(run, dict):
         raise TraceFormatError(f"{path}: run metadata is not a JSON object")
+    return run
+
+
+def row_counts(value) -> dict[str, int]:
+    """An end record's per-table row counts; anything but {table: count >= 0} is ignored."""
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): v for k, v in value.items()
+            if isinstance(v, int) and not isinstance(v, bool) and v >= 0}
+
+
+# Run metadata the analyses read: objects, and the integers inside them.
+_RUN_INTEGERS = {"engine": ("max_num_seqs", "max_num_batched_tokens"),
+                 "kv": ("block_size", "usable_blocks", "bytes_per_block", "kv_tensor_bytes"),
+                 "model": (), "hardware": ("memory_bytes",)}
+
+
+def _checked_run(run: dict, warnings: list[str]) -> dict:
+    """A field of the wrong JSON type is dropped with a warning, so no analysis trips on it."""
+    for key, integers in _RUN_INTEGERS.items():
+        section = run.get(key)
+        if key in run and not isinstance(section, dict):
+            warnings.append(f"run metadata: {key} is not a JSON object; ignored")
+            run[key] = {}
+            continue
+        for name in integers:
+            value = (section or {}).get(name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                warnings.append(f"run metadata: {key}.{name} = {value!r} is not a count; ignored")
+                del section[name]
     return run
 
 

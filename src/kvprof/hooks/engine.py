@@ -13,6 +13,7 @@ import os
 import time
 
 from kvprof.format import schema as S
+from kvprof.hooks import state
 from kvprof.recorder.columns import ColumnBuffer, RowBuffer, columns_to_batch
 from kvprof.recorder.memory import RssReader
 from kvprof.recorder.session import TraceSession, parts_dir
@@ -58,7 +59,7 @@ class EngineRecorder:
         self.requests_seen = 0
         self.buffers = {t: ColumnBuffer(t, S.TABLES[t]) for t in tables}
         self.buffers["steps"] = RowBuffer("steps", S.STEPS)
-        self.buffers["request_steps"] = RequestStepBuffer(self.req_index)
+        self.buffers["request_steps"] = RequestStepBuffer(self.req_index, lambda: self.requests_seen)
         self.steps = self.buffers["steps"]
         self.req_steps = self.buffers["request_steps"]
         self.requests = self.buffers["requests"]
@@ -101,15 +102,20 @@ class EngineRecorder:
         return idx
 
     def flush(self, force: bool = False) -> None:
+        if self.session.writer.stats.error is not None and not self.closed:
+            raise state.TraceWriteFailed(self.session.writer.stats.error)  # the hook guard stops tracing
         now = _now()
         if not force and now - self.last_flush_ns < self.options.flush_interval_ns \
                 and len(self.req_steps) < self.options.flush_rows:
             return
         self.last_flush_ns = now
         submit = self.session.writer.submit
+        fault = state.FAULT_POINT == WRITER_FAULT and state.fault_now(WRITER_FAULT)
         for buf in self.buffers.values():
             if len(buf):
                 builder, rows = buf.take()
+                if fault:
+                    builder, fault = state.FailingBuilder(WRITER_FAULT, builder), False
                 submit(buf.table, builder, rows)
 
     # --------------------------------------------------------------- scheduler
@@ -389,6 +395,9 @@ class EngineRecorder:
             "kv_blocks_used_at_start": self.kv_used_at_start})
 
 
+WRITER_FAULT = "TraceWriter.engine_core"   # fault-injection name of this process's writer thread
+
+
 def sched_busy(scheduler) -> bool:
     """False when the engine is about to idle: then buffered rows are written at once."""
     return bool(scheduler.running or scheduler.waiting)
@@ -405,12 +414,14 @@ class RequestStepBuffer:
     table = "request_steps"
     fields = S.REQUEST_STEPS
 
-    def __init__(self, req_index: dict[str, int]):
+    def __init__(self, req_index: dict[str, int], requests_seen=lambda: 0):
         self.req_index = req_index
+        self.requests_seen = requests_seen
         self.rows: list[tuple] = []      # explicit rows (new requests)
         self.chunks: list[tuple] = []    # (step, ids, outs, computed, new_block_ids, nst)
         self.retired: list[str] = []     # finished request ids, dropped from req_index after use
         self.count = 0
+        self.accepted_seen = 0           # requests indexed when the last batch the writer took was taken
 
     def __len__(self) -> int:
         return self.count
@@ -429,16 +440,45 @@ class RequestStepBuffer:
         self.count += len(ids)
 
     def take(self):
-        rows, chunks, retired, count = self.rows, self.chunks, self.retired, self.count
+        batch = RequestStepsBatch(self, self.rows, self.chunks, self.retired)
+        count, self.accepted_seen = self.count, self.requests_seen()
         self.rows, self.chunks, self.retired, self.count = [], [], [], 0
-        req_index = self.req_index
+        return batch, count
 
-        def build():
-            batch = expand_request_steps(rows, chunks, req_index)
-            for request_id in retired:   # keeps the index as small as the running set
-                req_index.pop(request_id, None)
-            return batch
-        return build, count
+    def dropped(self, batch: "RequestStepsBatch") -> None:
+        """Engine thread, the writer's queue full: the batch's finished ids leave the index
+        now, unless a batch still queued may need them (indexed before it was taken)."""
+        self.accepted_seen = batch.accepted_before
+        keep = []
+        for request_id in batch.retired:
+            idx = self.req_index.get(request_id)
+            if idx is not None and idx < self.accepted_seen:
+                keep.append(request_id)
+            else:
+                self.req_index.pop(request_id, None)
+        self.retired[:0] = keep
+
+
+class RequestStepsBatch:
+    """The writer thread's builder for one request_steps batch (see ``TraceWriter.submit``)."""
+
+    def __init__(self, buffer: RequestStepBuffer, rows, chunks, retired):
+        self.buffer, self.rows, self.chunks, self.retired = buffer, rows, chunks, retired
+        self.accepted_before = buffer.accepted_seen
+
+    def __call__(self):
+        batch = expand_request_steps(self.rows, self.chunks, self.buffer.req_index)
+        self.discard(final=True)   # keeps the index as small as the running set
+        return batch
+
+    def discard(self, final: bool) -> None:
+        """A dropped batch: without this, finished ids would stay in the index for good.
+        ``final``: no batch will ever be built again (the writer stopped), so all go now."""
+        if final:
+            for request_id in self.retired:
+                self.buffer.req_index.pop(request_id, None)
+        else:
+            self.buffer.dropped(self)
 
 
 def _new_blocks_of(new_block_ids: list):

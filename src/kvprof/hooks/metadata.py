@@ -78,7 +78,15 @@ def model_shape(vllm_config) -> dict:
 
 def hardware() -> dict:
     return {"host": socket.gethostname(), "platform": platform.platform(),
-            "python": platform.python_version(), "cpu_count": os.cpu_count()}
+            "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "memory_bytes": _host_memory()}
+
+
+def _host_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def run_metadata(scheduler, options) -> dict:
@@ -95,4 +103,15 @@ def run_metadata(scheduler, options) -> dict:
         "engine": engine_config(vc),
         "hardware": hardware(),
         "options": options.to_dict(),
+        "rss_at_start_bytes": _rss(),
     }
+
+
+def _rss() -> int:
+    """This process's resident set when tracing starts: the baseline of memory growth."""
+    from kvprof.recorder.memory import RssReader
+    reader = RssReader()
+    try:
+        return reader.read()
+    finally:
+        reader.close()

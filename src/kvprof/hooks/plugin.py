@@ -39,10 +39,23 @@ def register() -> None:
     except KvprofError as exc:
         _unsupported = str(exc)
         if os.environ.get(ENV_TRACE):
-            log.warning("kvprof: %s", exc)
+            _warn_once_per_process_tree(f"kvprof: {exc}")
     except Exception as exc:  # a vLLM we cannot even inspect
         _unsupported = f"{type(exc).__name__}: {exc}"
-        log.warning("kvprof: hooks not installed (%s); the engine runs untraced", _unsupported)
+        _warn_once_per_process_tree(
+            f"kvprof: hooks not installed ({_unsupported}); the engine runs untraced")
+
+
+_WARNED_ENV = "_KVPROF_UNSUPPORTED_WARNED"
+
+
+def _warn_once_per_process_tree(message: str) -> None:
+    """The front end, the EngineCore and every worker each run ``register()``: warn in the
+    first only. The processes vLLM spawns inherit the environment, and with it this mark."""
+    if os.environ.get(_WARNED_ENV):
+        return
+    os.environ[_WARNED_ENV] = "1"
+    log.warning("%s", message)
 
 
 def status() -> dict:
@@ -105,7 +118,7 @@ def _wrap_free_blocks(BlockPool) -> None:
         result = original(self, blocks, *args, **kwargs)
         t = _clock()
         try:
-            if state.FAULT_POINT == "BlockPool.free_blocks":
+            if state.FAULT_POINT == "BlockPool.free_blocks" and state.fault_now("BlockPool.free_blocks"):
                 raise state.InjectedFault("BlockPool.free_blocks")
             rec.after_free_blocks(free_before, blocks)
         except Exception as exc:
@@ -122,7 +135,10 @@ def _add_engine_core_methods(EngineCore) -> None:
     """Methods reachable with ``engine_core.call_utility("kvprof_start", ...)``."""
 
     def kvprof_start(self, path: str, options: dict) -> dict:
-        return start_engine_recorder(self.scheduler, path, options, executor=self.model_executor)
+        try:
+            return start_engine_recorder(self.scheduler, path, options, executor=self.model_executor)
+        except KvprofError as exc:   # returned, not raised: no traceback in the engine's log
+            return {"error": str(exc), "error_type": type(exc).__name__}
 
     def kvprof_stop(self) -> dict:
         return stop_engine_recorder(executor=self.model_executor)
@@ -146,14 +162,24 @@ def start_engine_recorder(scheduler, path: str, options: dict, executor=None) ->
     if ProcessState.recorder is not None:
         raise RuntimeError("kvprof is already tracing this engine")
     opts = Options(**options)
-    state.FAULT_POINT = opts.fault_point or os.environ.get("KVPROF_FAULT") or None
+    state.set_fault_point(opts.fault_point or os.environ.get("KVPROF_FAULT"))
     run = run_metadata(scheduler, opts)
-    if executor is not None:
-        executor.collective_rpc("kvprof_worker_start", args=(path, opts.to_dict()))
-    ProcessState.recorder = EngineRecorder(scheduler, path, opts, run)
+    workers = []
+    try:
+        if executor is not None:
+            workers = executor.collective_rpc("kvprof_worker_start", args=(path, opts.to_dict()))
+        recorder = EngineRecorder(scheduler, path, opts, run)
+    except Exception as exc:   # no file can be opened (a full disk): no worker is left recording
+        if executor is not None:
+            _stop_workers(executor)
+        from kvprof.errors import TraceTargetError
+        reason = getattr(exc, "strerror", None) or f"{type(exc).__name__}: {exc}"
+        raise TraceTargetError(f"cannot write trace {path}: {reason}") from None
+    ProcessState.recorder = recorder
     ProcessState.warned = False
+    ProcessState.failed_end = None
     _close_at_exit()
-    return {"pid": os.getpid(), "path": path}
+    return {"pid": os.getpid(), "path": path, "worker_pids": workers}
 
 
 _exit_hook_registered = False
@@ -179,29 +205,50 @@ def _close_all() -> None:
 
 
 def stop_engine_recorder(executor=None) -> dict:
+    """Close this process's trace; the end record of one a failure closed earlier is returned."""
     rec, ProcessState.recorder = ProcessState.recorder, None
-    end = rec.close() if rec is not None else {}
+    if rec is not None:
+        end = rec.close()
+        if end.get("cut_short"):   # the writer failed after the last step's check
+            ProcessState.warn_off(f"the trace writer failed: {end['cut_short']}")
+    else:
+        end = ProcessState.failed_end or {}
+    ProcessState.failed_end = None
     if executor is not None:
-        try:
-            end = {**end, "workers": executor.collective_rpc("kvprof_worker_stop", timeout=30)}
-        except Exception as exc:
-            log.warning("kvprof: could not stop worker tracing: %s", exc)
+        workers = _stop_workers(executor)
+        if workers is not None:
+            end = {**end, "workers": workers}
     return end
+
+
+def _stop_workers(executor):
+    try:
+        return executor.collective_rpc("kvprof_worker_stop", timeout=30)
+    except Exception as exc:
+        log.warning("kvprof: could not stop worker tracing: %s", exc)
+        return None
 
 
 # ----------------------------------------------------------- worker control
 def _add_worker_methods(WorkerWrapperBase) -> None:
     def kvprof_worker_start(self, path: str, options: dict) -> int:
         from kvprof.hooks.worker import WorkerRecorder
-        state.FAULT_POINT = options.get("fault_point") or os.environ.get("KVPROF_FAULT") or None
+        state.set_fault_point(options.get("fault_point") or os.environ.get("KVPROF_FAULT"))
         if _worker_recorder() is None:
             ProcessState.worker_recorder = WorkerRecorder(self, path, options)
+            ProcessState.worker_failed_end = None
             _close_at_exit()
         return os.getpid()
 
     def kvprof_worker_stop(self) -> dict:
         rec, ProcessState.worker_recorder = _worker_recorder(), None
-        return rec.close() if rec is not None else {}
+        if rec is None:   # stopped early by a failure: its end record says why
+            end, ProcessState.worker_failed_end = ProcessState.worker_failed_end or {}, None
+            return end
+        end = rec.close()
+        if end.get("cut_short"):   # the writer failed after the last forward's check
+            _warn_worker_off(f"the trace writer failed: {end['cut_short']}")
+        return end
 
     WorkerWrapperBase.kvprof_worker_start = kvprof_worker_start
     WorkerWrapperBase.kvprof_worker_stop = kvprof_worker_stop
@@ -223,7 +270,8 @@ def _wrap_forward(WorkerWrapperBase) -> None:
         if rec is None:
             return execute(self, scheduler_output, *args, **kwargs)
         try:
-            if state.FAULT_POINT == "WorkerWrapperBase.execute_model":
+            if state.FAULT_POINT == "WorkerWrapperBase.execute_model" \
+                    and state.fault_now("WorkerWrapperBase.execute_model"):
                 raise state.InjectedFault("WorkerWrapperBase.execute_model")
             token = rec.before_forward(scheduler_output)
         except Exception as exc:
@@ -241,6 +289,9 @@ def _wrap_forward(WorkerWrapperBase) -> None:
         rec = _worker_recorder()
         if rec is not None:
             try:
+                if state.FAULT_POINT == "WorkerWrapperBase.sample_tokens" \
+                        and state.fault_now("WorkerWrapperBase.sample_tokens"):
+                    raise state.InjectedFault("WorkerWrapperBase.sample_tokens")
                 rec.after_sample()
             except Exception as exc:
                 _fail_worker("WorkerWrapperBase.sample_tokens", exc)
@@ -253,14 +304,23 @@ def _wrap_forward(WorkerWrapperBase) -> None:
 
 
 def _fail_worker(where: str, exc: BaseException) -> None:
+    """Like ProcessState.fail, for this worker's own recorder: the EngineCore keeps recording."""
     rec, ProcessState.worker_recorder = _worker_recorder(), None
-    if rec is not None:
-        log.warning("kvprof: worker tracing turned off after an error in %s: %s: %s",
-                    where, type(exc).__name__, exc)
-        try:
-            rec.close(cut_short=f"hook {where} failed: {type(exc).__name__}: {exc}")
-        except Exception:
-            pass
+    if rec is None:
+        return
+    cause = state.describe_failure(where, exc)
+    _warn_worker_off(cause)
+    written_cause = None if isinstance(exc, state.TraceWriteFailed) else cause  # the writer's error is kept
+    try:
+        ProcessState.worker_failed_end = rec.close(cut_short=written_cause)
+    except Exception as close_exc:
+        ProcessState.worker_failed_end = {"complete": False, "cut_short": cause,
+                                          "close_error": f"{type(close_exc).__name__}: {close_exc}"}
+
+
+def _warn_worker_off(cause: str) -> None:
+    ProcessState.warnings_emitted += 1
+    log.warning("kvprof: worker tracing turned off: %s", cause)
 
 
 # ------------------------------------------------- KVPROF_TRACE: no code change

@@ -10,11 +10,13 @@ import os
 import time
 
 from kvprof.format import schema as S
+from kvprof.hooks import state
 from kvprof.recorder.columns import RowBuffer
 from kvprof.recorder.memory import GpuReader, RssReader
 from kvprof.recorder.session import TraceSession, parts_dir
 
 _now = time.monotonic_ns
+WRITER_FAULT = "TraceWriter.worker"   # fault-injection name of this process's writer thread
 
 
 def _cuda_events():
@@ -88,11 +90,15 @@ class WorkerRecorder:
                 rows[pos] = row[:4] + (int(start.elapsed_time(end) * 1e6),) + row[5:]
 
     def flush(self) -> None:
+        if self.session.writer.stats.error is not None and not self.closed:
+            raise state.TraceWriteFailed(self.session.writer.stats.error)  # the hook guard stops tracing
         self.last_flush_ns = _now()
         self._resolve_events()
         self.pending.clear()   # unresolved device times stay null
         if len(self.rows):
             builder, n = self.rows.take()
+            if state.FAULT_POINT == WRITER_FAULT and state.fault_now(WRITER_FAULT):
+                builder = state.FailingBuilder(WRITER_FAULT, builder)
             self.session.writer.submit("forward", builder, n)
 
     def close(self, cut_short: str | None = None) -> dict:
@@ -109,12 +115,17 @@ class WorkerRecorder:
 def worker_metadata(wrapper) -> dict:
     """Weights and device facts of this worker, where they can be read."""
     meta: dict = {"pid": os.getpid(), "rank": int(getattr(wrapper, "rpc_rank", 0))}
+    rss = RssReader()
+    meta["rss_at_start_bytes"] = rss.read()
+    rss.close()
     try:
         import torch
         meta["torch"] = torch.__version__
         meta["cuda"] = bool(torch.cuda.is_available())
         if meta["cuda"]:
             meta["device_name"] = torch.cuda.get_device_name()
+            meta["device_total_bytes"] = int(torch.cuda.get_device_properties(
+                torch.cuda.current_device()).total_memory)
         model = wrapper.worker.model_runner.model
         meta["weights_bytes"] = int(sum(p.numel() * p.element_size() for p in model.parameters()))
     except Exception:

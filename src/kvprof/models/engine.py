@@ -6,7 +6,6 @@ is a fixed byte budget so the engine starts on a 2-core, 24 GiB machine.
 """
 from __future__ import annotations
 
-import os
 from importlib import resources
 
 DEFAULT_KV_BYTES = 512 * 1024 * 1024

@@ -28,8 +28,15 @@ class TraceSession:
         self.started_ns = time.monotonic_ns()
         run_json = json.dumps(run, sort_keys=True, default=str)
         streams = StreamSet()
-        for table, file_path in tables.items():
-            streams.open(table, file_path, schema.schema_for(table, writer=writer, run_json=run_json))
+        try:
+            for table, file_path in tables.items():
+                streams.open(table, file_path, schema.schema_for(table, writer=writer, run_json=run_json))
+        except Exception:   # a full disk at the start: no file is left open
+            try:
+                streams.close()
+            except Exception:
+                pass
+            raise
         self.writer = TraceWriter(streams, max_pending=max_pending)
         self.closed = False
 

@@ -51,43 +51,77 @@ class StreamSet:
         sink.flush()
 
     def close(self) -> None:
+        """Close every stream, even after one fails (a full disk); then raise the first error."""
+        errors = []
         for writer, sink in self._writers.values():
-            try:
-                writer.close()
-            finally:
-                sink.close()
+            for close in (writer.close, sink.close):
+                try:
+                    close()
+                except Exception as exc:
+                    errors.append(exc)
         self._writers.clear()
+        if errors:
+            raise errors[0]
+
+
+MAX_PENDING_ROWS = 262_144    # about four flush windows of a 64-sequence engine
 
 
 class TraceWriter:
-    """A daemon thread draining a bounded queue of (table, fields, columns)."""
+    """A daemon thread draining a bounded queue of (table, fields, columns).
 
-    def __init__(self, streams: StreamSet, max_pending: int = 64):
+    The queue is bounded twice: by batches, and by the rows they hold, so that a
+    stalled disk costs a bounded amount of memory whatever the batch sizes."""
+
+    def __init__(self, streams: StreamSet, max_pending: int = 64,
+                 max_pending_rows: int = MAX_PENDING_ROWS):
         self.streams = streams
         self.stats = WriterStats()
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._lock = threading.Lock()
+        self._pending_rows = 0
+        self._max_pending_rows = max_pending_rows
         self._thread = threading.Thread(target=self._run, name="kvprof-writer", daemon=True)
         self._thread.start()
 
     def submit(self, table: str, builder, rows: int) -> bool:
         """Hand a batch over without waiting; False (and counted) when it was dropped.
 
-        ``builder()`` runs on the writer thread and returns the RecordBatch."""
+        ``builder()`` runs on the writer thread and returns the RecordBatch; a builder
+        with a ``discard(final)`` method is told when its batch is dropped instead."""
         if rows == 0:
             return True
-        if self.stats.error is None:
+        if self.stats.error is None and self._reserve(rows):
             try:
                 self._queue.put_nowait((table, builder, rows))
                 return True
             except queue.Full:
-                pass
-        self._count_dropped(table, rows)
+                self._release(rows)
+        self._count_dropped(table, rows, builder, final=self.stats.error is not None)
         return False
 
-    def _count_dropped(self, table: str, rows: int) -> None:
+    def _reserve(self, rows: int) -> bool:
+        with self._lock:
+            if self._pending_rows and self._pending_rows + rows > self._max_pending_rows:
+                return False
+            self._pending_rows += rows
+            return True
+
+    def _release(self, rows: int) -> None:
+        with self._lock:
+            self._pending_rows -= rows
+
+    def _count_dropped(self, table: str, rows: int, builder=None, final: bool = True) -> None:
         with self._lock:   # the engine thread and the writer thread both count
             self.stats.rows_dropped[table] = self.stats.rows_dropped.get(table, 0) + rows
+        discard = getattr(builder, "discard", None)
+        if discard is not None:
+            discard(final)
+
+    def _fail(self, exc: BaseException) -> None:
+        """The first write error stops the writer; the recorder that owns it sees ``stats.error``
+        at its next flush and stops tracing (one warning, from the hook guard)."""
+        self.stats.error = f"{type(exc).__name__}: {exc}"
 
     def _run(self) -> None:
         while True:
@@ -95,8 +129,9 @@ class TraceWriter:
             if item is _STOP:
                 return
             table, builder, rows = item
+            self._release(rows)
             if self.stats.error is not None:
-                self._count_dropped(table, rows)
+                self._count_dropped(table, rows, builder)
                 continue
             try:
                 start = time.perf_counter_ns()
@@ -104,8 +139,8 @@ class TraceWriter:
                 self.stats.build_ns += time.perf_counter_ns() - start
                 self.streams.write(table, batch)
             except Exception as exc:  # a full disk, a closed file, a bad row: stop writing, count the rest
-                self.stats.error = f"{type(exc).__name__}: {exc}"
-                self._count_dropped(table, rows)
+                self._fail(exc)
+                self._count_dropped(table, rows, builder)
                 continue
             self.stats.batches_written += 1
             self.stats.rows_written[table] = self.stats.rows_written.get(table, 0) + rows
@@ -124,7 +159,8 @@ class TraceWriter:
         try:
             self.streams.close()
         except Exception as exc:
-            self.stats.error = self.stats.error or f"{type(exc).__name__}: {exc}"
+            if self.stats.error is None:
+                self._fail(exc)
         return self.stats
 
 

@@ -1,0 +1,124 @@
+"""A real, small ``kvprof sweep`` of the embedded engine, end to end.
+
+Three batch sizes share a KV pool of 20 blocks: 1 and 4 sequences fit, 16 do not,
+so the largest run preempts and the curve analysis must say that the KV pool's
+capacity, not the batch size, bounds KV memory there. Expected numbers come from
+the model's config and the traces' own tables, not from the sweep's report.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from kvprof.cli.main import main
+from kvprof.format.reader import read_trace
+from kvprof.models.engine import tiny_model_path
+from tests.integration import checks
+
+BATCH_SIZES = (1, 4, 16)
+PROMPTS, MAX_TOKENS, KV_BLOCKS = 24, 16, 20
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    code, report = run_json(["sweep", "--batch-sizes", ",".join(map(str, BATCH_SIZES)),
+                             "--prompts", str(PROMPTS), "--max-tokens", str(MAX_TOKENS),
+                             "--rounds", "1", "--length-scale", "0.1",
+                             "--kv-blocks", str(KV_BLOCKS), "--out", str(out), "--json"])
+    assert code == 0
+    return out, report
+
+
+def run_json(argv):
+    import contextlib
+    import io
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = main(argv)
+    return code, json.loads(buffer.getvalue()) if code == 0 else None
+
+
+def model_config() -> dict:
+    with open(f"{tiny_model_path()}/config.json") as f:
+        return json.load(f)
+
+
+def weights_bytes(cfg: dict, dtype_bytes: int = 2) -> int:
+    """Llama parameters: embeddings, per layer attention + MLP + 2 norms, final norm, head."""
+    h, inter, v, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    kv = cfg["num_key_value_heads"] * cfg["head_dim"]
+    q = cfg["num_attention_heads"] * cfg["head_dim"]
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * inter + 2 * h
+    return dtype_bytes * (v * h + layers * per_layer + h + v * h)
+
+
+def kv_bytes_per_block(cfg: dict, block_size: int, dtype_bytes: int = 2) -> int:
+    return cfg["num_hidden_layers"] * 2 * block_size * cfg["num_key_value_heads"] * cfg["head_dim"] * dtype_bytes
+
+
+def test_every_batch_size_ran_at_its_concurrency(sweep):
+    _, report = sweep
+    runs = {r["batch_size"]: r for r in report["runs"]}
+    assert sorted(runs) == list(BATCH_SIZES)
+    for bs in (1, 4):
+        assert runs[bs]["peak_running"] == bs and runs[bs]["preemptions"] == 0
+    assert runs[16]["peak_running"] <= 16
+    for run in runs.values():
+        trace = read_trace(run["traces"][0])
+        requests = trace["requests"]
+        assert requests.num_rows == PROMPTS
+        assert sum(requests.column("output_tokens").to_pylist()) == PROMPTS * MAX_TOKENS
+        assert checks.token_identity(trace) == {}
+        assert checks.block_identity(trace) == []
+
+
+def test_preemption_in_the_small_pool_is_counted_and_explained(sweep):
+    _, report = sweep
+    run = next(r for r in report["runs"] if r["batch_size"] == 16)
+    trace = read_trace(run["traces"][0])
+    assert run["preemptions"] == trace["preemptions"].num_rows > 0
+    assert run["evidence"]["kv_peak_blocks"] == KV_BLOCKS - 1   # the pool less vLLM's null block
+    curve = report["curve"]
+    assert "kv_capacity_limit" in curve["causes"]
+    assert "preempt" in curve["explanation"]
+
+
+def test_memory_components_match_the_model_and_the_pool(sweep):
+    _, report = sweep
+    cfg = model_config()
+    block_size = report["runs"][0]["evidence"]["block_size"]
+    per_block = kv_bytes_per_block(cfg, block_size)
+    for run in report["runs"]:
+        memory, ev = run["memory"], run["evidence"]
+        assert ev["bytes_per_block"] == per_block
+        assert memory["weights"] == weights_bytes(cfg)
+        assert memory["kv_pool_reserved"] == KV_BLOCKS * per_block
+        trace = read_trace(run["traces"][0])
+        peak_blocks = max(trace["steps"].column("kv_blocks_used").to_pylist())
+        assert memory["kv_in_use_peak"] == peak_blocks * per_block
+        assert memory["total"] >= memory["weights"] + memory["kv_pool_reserved"]
+        assert run["kv_pool_share"] == pytest.approx(peak_blocks / KV_BLOCKS)
+        assert memory["allocator_reserve"] is None           # not measurable on a CPU
+
+
+def test_points_csv_gives_the_same_curve_through_kvprof_curve(sweep):
+    out, report = sweep
+    code, curve = run_json(["curve", str(out / "points.csv"), "--json"])
+    assert code == 0
+    sweep_slopes = [s["slope_per_seq"] for s in report["curve"]["segments"]]
+    assert [s["slope_per_seq"] for s in curve["segments"]] == pytest.approx(sweep_slopes)
+    totals = [r["memory"]["total"] for r in report["runs"]]
+    expected = [(b - a) / (y - x) for (x, a), (y, b) in
+                zip(zip(BATCH_SIZES, totals), zip(BATCH_SIZES[1:], totals[1:]))]
+    assert sweep_slopes == pytest.approx(expected)
+    assert all(math.isfinite(s) for s in sweep_slopes)
+
+
+def test_reanalyze_reports_the_same_sweep(sweep):
+    out, report = sweep
+    code, again = run_json(["sweep", "--reanalyze", "--out", str(out), "--json"])
+    assert code == 0
+    assert again["runs"] == report["runs"] and again["curve"] == report["curve"]
