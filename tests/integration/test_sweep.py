@@ -84,6 +84,10 @@ def test_preemption_in_the_small_pool_is_counted_and_explained(sweep):
     curve = report["curve"]
     assert "kv_capacity_limit" in curve["causes"]
     assert "preempt" in curve["explanation"]
+    last = report["throughput_notes"][-1]
+    assert last.startswith("bs 4→16: ") and len(report["throughput_notes"]) == 2
+    if run["mean_running"] < 0.85 * 16:
+        assert f"the KV pool filled ({run['preemptions']} preemptions)" in last
 
 
 def test_memory_components_match_the_model_and_the_pool(sweep):

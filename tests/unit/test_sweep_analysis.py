@@ -114,3 +114,21 @@ def test_no_sharing_when_every_sequence_holds_its_own_blocks(tmp_path):
     needed = -(-(rows["computed"] + rows["tokens"])[alive] // engine.block_size)
     assert ev["kv_sharing"] == 0.0
     assert ev["mean_unshared_blocks_per_seq"] == pytest.approx(needed.sum() / alive.sum())
+
+
+def test_throughput_notes_split_each_gain_into_batch_and_step_time():
+    from kvprof.analysis.sweep import throughput_notes
+
+    def run(bs, tps, running, tpot, preemptions=0, queue=1.0):
+        return {"batch_size": bs, "output_tokens_per_s": tps, "mean_running": running,
+                "mean_tpot_ms": tpot, "preemptions": preemptions, "mean_queue_ms": queue,
+                "mean_ttft_ms": 100.0}
+
+    notes = throughput_notes([run(8, 400.0, 8.0, 20.0), run(16, 640.0, 16.0, 25.0),
+                              run(32, 600.0, 20.0, 33.3, preemptions=7, queue=80.0)], prompts=64)
+    assert notes[0] == ("bs 8→16: output tokens/s x1.60 ≈ mean running 8.0→16.0 (x2.00) over "
+                        "time per output token 20.0→25.0 ms (x1.25).")
+    assert notes[1].endswith("(x1.33); the batch was not kept full (20.0 of 32 on average: the KV "
+                             "pool filled (7 preemptions); 64 prompts for 32 slots: the closed loop "
+                             "drains while the last requests finish; requests waited 80 ms on "
+                             "average for admission).")

@@ -255,9 +255,9 @@ def replay(trace, steps: dict, requests: dict, in_window: np.ndarray, chosen: np
     end_ns = np.ascontiguousarray(steps["t_update_end_ns"], np.int64)
     window = in_window.astype(np.uint8)
     per_step, per_req, other, totals = kernels.new_state(end_ns.size, n_req, rows.num_rows)
-    for batch in rows.to_batches():
-        if batch.num_rows:
-            kernels.replay_batch(*_batch_arrays(batch, trace.path), step_min, lookup, window,
+    for record_batch in rows.to_batches():
+        if record_batch.num_rows:
+            kernels.replay_batch(*_batch_arrays(record_batch, trace.path), step_min, lookup, window,
                                  end_ns, prompt, delivered, latency_req, per_step, per_req, other,
                                  totals)
     return _replay_result(kernels, per_step, per_req, other[:totals[kernels.TOTAL_OTHER_GAPS]],

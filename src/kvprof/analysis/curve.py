@@ -537,6 +537,9 @@ def _at(pairs, noun: str) -> str:
     distinct = {_count(v) for _, v in pairs}
     values = distinct.pop() if len(distinct) == 1 else ", ".join(_count(v) for _, v in pairs)
     sizes = ", ".join(str(bs) for bs, _ in pairs)
+    if values == "1":   # '1 preemption', '1 request waited'
+        first, _, rest = noun.partition(" ")
+        noun = " ".join(filter(None, [first.removesuffix("s"), rest]))
     return f"{values} {noun} at batch size{'s' if len(pairs) > 1 else ''} {sizes}"
 
 

@@ -293,11 +293,12 @@ class SweepReport:
         return self.runs[0]
 
     def to_dict(self) -> dict:
-        """The JSON report of ``kvprof sweep --json`` (docs/analyses.md)."""
+        """The JSON report of ``kvprof sweep --json`` (docs/sweep.md)."""
+        runs = [self.run_dict(r) for r in self.runs]
         return {"report_version": "1.0", "plan": self.plan, "device": self.device,
                 "capacity_bytes": self.capacity_bytes,
                 "component_notes": COMPONENT_NOTES[self.device],
-                "runs": [self.run_dict(r) for r in self.runs],
+                "runs": runs, "throughput_notes": throughput_notes(runs, self.plan.get("prompts")),
                 "curve": self.curve.to_dict(), "warnings": list(self.warnings)}
 
     def run_dict(self, run: BatchSizeRuns) -> dict:
@@ -343,6 +344,46 @@ def sweep_report(rounds: list[RoundMeasure], plan: dict | None = None) -> SweepR
     warnings = [f"bs={r.batch_size} round {r.round_index}: {w}" for r in rounds for w in r.warnings]
     return SweepReport(runs, explain_sweep(points), device, rounds[0].capacity_bytes,
                        dict(plan or {}), warnings)
+
+
+def throughput_notes(runs: list[dict], prompts: int | None = None) -> list[str]:
+    """What drives the throughput curve, step by step of the grid.
+
+    In decode, output tokens/s ~ sequences running / time per output token of one
+    sequence (TPOT), so each step's gain splits into a batch factor and a step-time
+    factor; a batch that was not kept full is named with the facts that explain it.
+    """
+    notes = []
+    for a, b in zip(runs, runs[1:]):
+        if not (a["output_tokens_per_s"] and a["mean_running"] and a["mean_tpot_ms"]
+                and b["mean_tpot_ms"]):
+            continue
+        batch = b["mean_running"] / a["mean_running"]
+        slower = b["mean_tpot_ms"] / a["mean_tpot_ms"]
+        gain = b["output_tokens_per_s"] / a["output_tokens_per_s"]
+        notes.append(
+            f"bs {a['batch_size']}→{b['batch_size']}: output tokens/s x{gain:.2f} ≈ mean running "
+            f"{a['mean_running']:.1f}→{b['mean_running']:.1f} (x{batch:.2f}) over time per output "
+            f"token {a['mean_tpot_ms']:.1f}→{b['mean_tpot_ms']:.1f} ms (x{slower:.2f})"
+            + _unfilled(b, prompts) + ".")
+    return notes
+
+
+def _unfilled(run: dict, prompts: int | None) -> str:
+    """Why a run held fewer sequences than its batch size, from what it measured."""
+    if run["mean_running"] >= 0.85 * run["batch_size"]:
+        return ""
+    why = []
+    if run["preemptions"]:
+        why.append(f"the KV pool filled ({run['preemptions']} preemptions)")
+    if prompts and prompts < 4 * run["batch_size"]:
+        why.append(f"{prompts} prompts for {run['batch_size']} slots: the closed loop drains "
+                   f"while the last requests finish")
+    if run["mean_queue_ms"] and run["mean_ttft_ms"] and run["mean_queue_ms"] > 0.2 * run["mean_ttft_ms"]:
+        why.append(f"requests waited {run['mean_queue_ms']:.0f} ms on average for admission")
+    reason = "; ".join(why) if why else "admission did not keep up"
+    return (f"; the batch was not kept full ({run['mean_running']:.1f} of {run['batch_size']} "
+            f"on average: {reason})")
 
 
 def _ratio(a, b) -> float | None:

@@ -81,7 +81,8 @@ def render(report) -> Group:
     d = report.to_dict()
     runs = d["runs"]
     rounds = max((r["rounds"] for r in runs), default=0)
-    parts = [throughput_table(runs, rounds), latency_table(runs), memory_table(runs, d["device"]),
+    parts = [throughput_table(runs, rounds), *[Text(note) for note in d["throughput_notes"]],
+             latency_table(runs), memory_table(runs, d["device"]),
              components_table(runs, d["component_notes"]), component_legend(d["component_notes"])]
     parts.append(curve_section(d["curve"]))
     for warning in d["warnings"]:
