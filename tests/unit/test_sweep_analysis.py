@@ -94,6 +94,10 @@ def test_sweep_report_combines_rounds_and_compares_with_the_first_size(tmp_path)
     assert runs[0]["speedup"] == 1.0 and runs[0]["e2e_increase"] == 0.0
     assert {"segments", "breakpoints", "explanation", "warnings"} <= set(report["curve"])
     assert report["component_notes"]["total"].startswith("peak worker RSS")
+    points = report["curve"]["components"]
+    assert [len(p["rounds"]) for p in points["kv_in_use_peak"]["points"]] == [2, 2, 2, 2]
+    # read once per engine start: its rounds are one reading, not replicates
+    assert [len(p["rounds"]) for p in points["non_torch"]["points"]] == [1, 1, 1, 1]
 
 
 def test_mean_e2e_is_the_analyzers(tmp_path):

@@ -328,6 +328,16 @@ class SweepReport:
         }
 
 
+# Measured once per engine start: its rounds repeat one reading, they are not replicates
+# (the curve's noise must then come from the spread between batch sizes, not rounds).
+ONCE_PER_ENGINE = ("weights", "kv_pool_reserved", "non_torch")
+
+
+def replicates(run: BatchSizeRuns, name: str) -> list[float | None]:
+    values = run.component_rounds(name)
+    return values[:1] if name in ONCE_PER_ENGINE else values
+
+
 def sweep_report(rounds: list[RoundMeasure], plan: dict | None = None) -> SweepReport:
     """Combine the rounds by batch size and run the curve analysis on the components."""
     from kvprof.analysis.curve import SweepPoint, explain_sweep
@@ -337,7 +347,7 @@ def sweep_report(rounds: list[RoundMeasure], plan: dict | None = None) -> SweepR
     for same_engine in by_size.values():
         rebase_rounds(same_engine)
     runs = [BatchSizeRuns(bs, rs) for bs, rs in by_size.items()]
-    points = [SweepPoint(run.batch_size, {name: run.component_rounds(name) for name in COMPONENTS},
+    points = [SweepPoint(run.batch_size, {name: replicates(run, name) for name in COMPONENTS},
                          run.evidence()) for run in runs]
     devices = {r.device for r in rounds}
     device = "cuda" if "cuda" in devices else "cpu"

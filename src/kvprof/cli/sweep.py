@@ -137,7 +137,8 @@ class SweepError(KvprofError):
 
 def write_manifest(plan, rounds) -> None:
     manifest = {"plan": plan_dict(plan),
-                "rounds": [{"batch_size": r.batch_size, "round": r.round_index, "trace": r.trace,
+                "rounds": [{"batch_size": r.batch_size, "round": r.round_index,
+                            "trace": os.path.relpath(r.trace, plan.out_dir),   # the folder can move
                             "wall_s": r.wall_s, "output_tokens": r.output_tokens} for r in rounds]}
     with open(os.path.join(plan.out_dir, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
@@ -148,12 +149,19 @@ def load_manifest(out_dir: str) -> tuple[list[tuple[int, int, str]], dict]:
     try:
         with open(path) as f:
             manifest = json.load(f)
-        rounds = [(int(r["batch_size"]), int(r["round"]), str(r["trace"])) for r in manifest["rounds"]]
+        rounds = [(int(r["batch_size"]), int(r["round"]), _trace_path(out_dir, str(r["trace"])))
+                  for r in manifest["rounds"]]
     except FileNotFoundError:
         raise UsageError(f"--reanalyze: no sweep in {out_dir} ({MANIFEST} not found)") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"--reanalyze: {path} is not a kvprof sweep manifest ({exc})") from None
     return rounds, manifest.get("plan", {})
+
+
+def _trace_path(out_dir: str, trace: str) -> str:
+    """Manifests name traces relative to their folder (older ones: to the working folder)."""
+    inside = os.path.join(out_dir, trace)
+    return trace if not os.path.exists(inside) and os.path.exists(trace) else inside
 
 
 def analyse(rounds, plan: dict):
