@@ -177,11 +177,12 @@ def write_trace(path: str, tables: dict[str, dict], n_rows: dict[str, int], run:
     files = {t: path if t == "steps" else os.path.join(parts, S.PART_FILES[t])
              for t in ("steps", "request_steps", "requests", "preemptions", "block_events", "prompts")}
     pending = sum(n // FLUSH_ROWS + 2 for n in n_rows.values())
-    engine = TraceSession(path, files, "engine_core", run, max_pending=pending)
+    rows = sum(n_rows.values()) + 1     # the whole trace may wait in the queue: nothing dropped
+    engine = TraceSession(path, files, "engine_core", run, max_pending=pending, max_pending_rows=rows)
     submit_all(engine, {t: c for t, c in tables.items() if t != "forward"}, n_rows)
     record = engine.close(extra={"kv_blocks_used_at_start": 0, "steps": n_rows["steps"]})
     worker = TraceSession(path, {"forward": os.path.join(parts, S.forward_file(0))}, "worker-0", run,
-                          max_pending=pending)
+                          max_pending=pending, max_pending_rows=rows)
     submit_all(worker, {"forward": tables["forward"]}, n_rows)
     assert all(r["complete"] and not r["rows_dropped"] for r in (record, worker.close())), record
 
@@ -229,7 +230,7 @@ def time_kernels(path: str, repeat: int) -> tuple[float, float, dict]:
         report = analyze(trace).to_dict()
         best_all = min(best_all, time.perf_counter() - t0)
         steps = _columns(trace["steps"])
-        requests = _columns(trace["requests"], ("req", "finish_ns", "prompt_tokens"))
+        requests = _columns(trace["requests"], ("req", "finish_ns", "prompt_tokens", "output_tokens"))
         mask, chosen = np.ones(steps["step"].size, bool), requests["finish_ns"] >= 0
         replay(trace, steps, requests, mask, chosen)     # warm: arrays and code in cache
         t0 = time.perf_counter()

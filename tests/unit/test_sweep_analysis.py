@@ -136,3 +136,14 @@ def test_throughput_notes_split_each_gain_into_batch_and_step_time():
                              "pool filled (7 preemptions); 64 prompts for 32 slots: the closed loop "
                              "drains while the last requests finish; requests waited 80 ms on "
                              "average for admission).")
+
+
+def test_latency_notes_split_end_to_end_into_first_token_and_decode():
+    from kvprof.analysis.sweep import latency_notes
+    runs = [{"batch_size": 8, "mean_e2e_ms": 500.0, "mean_ttft_ms": 100.0, "mean_tpot_ms": 12.5,
+             "mean_queue_ms": 0.4},
+            {"batch_size": 16, "mean_e2e_ms": 900.0, "mean_ttft_ms": 250.0, "mean_tpot_ms": 20.0,
+             "mean_queue_ms": 30.0}]
+    assert latency_notes(runs) == [
+        "bs 8→16: end-to-end +400 ms = time to first token +150 ms (queue 0→30 ms) "
+        "+ decode +250 ms (TPOT 12.5→20.0 ms)."]

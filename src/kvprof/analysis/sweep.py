@@ -299,6 +299,7 @@ class SweepReport:
                 "capacity_bytes": self.capacity_bytes,
                 "component_notes": COMPONENT_NOTES[self.device],
                 "runs": runs, "throughput_notes": throughput_notes(runs, self.plan.get("prompts")),
+                "latency_notes": latency_notes(runs),
                 "curve": self.curve.to_dict(), "warnings": list(self.warnings)}
 
     def run_dict(self, run: BatchSizeRuns) -> dict:
@@ -377,6 +378,27 @@ def throughput_notes(runs: list[dict], prompts: int | None = None) -> list[str]:
             f"token {a['mean_tpot_ms']:.1f}→{b['mean_tpot_ms']:.1f} ms (x{slower:.2f})"
             + _unfilled(b, prompts) + ".")
     return notes
+
+
+def latency_notes(runs: list[dict]) -> list[str]:
+    """What drives the latency curve: each step's change of mean end-to-end latency split
+    into time to first token (prefill and admission wait) and decode (end-to-end - TTFT)."""
+    notes = []
+    keys = ("mean_e2e_ms", "mean_ttft_ms", "mean_tpot_ms", "mean_queue_ms")
+    for a, b in zip(runs, runs[1:]):
+        if any(r[k] is None for r in (a, b) for k in keys):
+            continue
+        first = b["mean_ttft_ms"] - a["mean_ttft_ms"]
+        decode = (b["mean_e2e_ms"] - b["mean_ttft_ms"]) - (a["mean_e2e_ms"] - a["mean_ttft_ms"])
+        notes.append(
+            f"bs {a['batch_size']}→{b['batch_size']}: end-to-end {_ms(first + decode)} = time to "
+            f"first token {_ms(first)} (queue {a['mean_queue_ms']:.0f}→{b['mean_queue_ms']:.0f} ms) "
+            f"+ decode {_ms(decode)} (TPOT {a['mean_tpot_ms']:.1f}→{b['mean_tpot_ms']:.1f} ms).")
+    return notes
+
+
+def _ms(value: float) -> str:
+    return f"{value:+,.0f} ms".replace("-", "−")
 
 
 def _unfilled(run: dict, prompts: int | None) -> str:

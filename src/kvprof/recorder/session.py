@@ -7,7 +7,7 @@ import shutil
 import time
 
 from kvprof.format import schema
-from kvprof.recorder.writer import StreamSet, TraceWriter, write_end_record
+from kvprof.recorder.writer import MAX_PENDING_ROWS, StreamSet, TraceWriter, write_end_record
 
 
 def parts_dir(path: str) -> str:
@@ -22,7 +22,7 @@ class TraceSession:
     """The streams one process writes, their writer thread, and how they end."""
 
     def __init__(self, path: str, tables: dict[str, str], writer: str, run: dict,
-                 max_pending: int = 64):
+                 max_pending: int = 64, max_pending_rows: int = MAX_PENDING_ROWS):
         self.path = path
         self.writer_name = writer
         self.started_ns = time.monotonic_ns()
@@ -37,7 +37,7 @@ class TraceSession:
             except Exception:
                 pass
             raise
-        self.writer = TraceWriter(streams, max_pending=max_pending)
+        self.writer = TraceWriter(streams, max_pending=max_pending, max_pending_rows=max_pending_rows)
         self.closed = False
 
     def close(self, cut_short: str | None = None, extra: dict | None = None) -> dict:

@@ -82,7 +82,8 @@ def render(report) -> Group:
     runs = d["runs"]
     rounds = max((r["rounds"] for r in runs), default=0)
     parts = [throughput_table(runs, rounds), *[Text(note) for note in d["throughput_notes"]],
-             latency_table(runs), memory_table(runs, d["device"]),
+             latency_table(runs), *[Text(note) for note in d["latency_notes"]],
+             memory_table(runs, d["device"]),
              components_table(runs, d["component_notes"]), component_legend(d["component_notes"])]
     parts.append(curve_section(d["curve"]))
     for warning in d["warnings"]:
