@@ -192,13 +192,18 @@ def test_kill_9_of_worker_loses_at_most_one_flush_interval_of_forwards(drivers, 
     lag = _lag_s(t_kill, forward.t_end_ns.max())
     _record_loss(record_property, lag, forward.t_end_ns)
     assert 0 <= lag <= FLUSH_S + MARGIN_S, lag
-    # The EngineCore closed its files on its way out: every step it recorded is on disk,
-    # and the requests it held got rows with no finish (-1).
-    end = trace.end_records["engine_core"]
-    assert end["steps"] == trace["steps"].num_rows and end["rows_dropped"] == {}
     req = trace["requests"].to_pandas()
-    unfinished = req[req.finish_ns < 0]
-    assert len(unfinished) > 0 and set(unfinished.finish_reason) <= {"running", "waiting"}
+    end = trace.end_records.get("engine_core")
+    if end is not None:
+        # The EngineCore closed its files on its way out: every step it recorded is on disk,
+        # and the requests it held got rows with no finish (-1).
+        assert end["steps"] == trace["steps"].num_rows and end["rows_dropped"] == {}
+        unfinished = req[req.finish_ns < 0]
+        assert len(unfinished) > 0 and set(unfinished.finish_reason) <= {"running", "waiting"}
+    else:   # vLLM's teardown ended it before its shutdown hook ran (a race, seen once)
+        assert any("the trace has no end record" in w for w in trace.warnings)
+        steps = trace["steps"].to_pandas()
+        assert steps.step.tolist() == list(range(len(steps)))
     assert trace.truncated and any("no end record from worker(s) [0]" in w for w in trace.warnings)
     output = driver.log.read_text(errors="replace")
     assert "EngineDeadError" in output and "kvprof/api.py" not in output   # vLLM's error, not ours
