@@ -129,7 +129,7 @@ def memory_components(trace, result: Analysis, device: str) -> dict[str, float |
            "kv_in_use_mean": readings["kv_in_use_bytes"].mean,
            "engine_process": readings["engine_rss_bytes"].max}
     if device == "cuda":
-        out.update(_cuda_components(trace, weights, pool))
+        out.update(_cuda_components(trace, readings, weights, pool))
     else:
         out.update(_cpu_components(readings, workers, weights, pool))
     return {name: (None if out.get(name) is None else float(out[name])) for name in COMPONENTS}
@@ -149,20 +149,19 @@ def _cpu_components(readings, workers, weights, pool) -> dict:
     return out
 
 
-def _cuda_components(trace, weights, pool) -> dict:
+def _cuda_components(trace, readings, weights, pool) -> dict:
     forward = trace["forward"]
 
-    def peak(column: str, minus: str | None = None):
-        values = forward.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
-        if minus is not None:
-            values = values - forward.column(minus).to_numpy(zero_copy_only=False).astype(np.float64)
+    def peak_difference(column: str, minus: str):
+        values = (forward.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
+                  - forward.column(minus).to_numpy(zero_copy_only=False).astype(np.float64))
         values = values[~np.isnan(values)]
         return float(values.max()) if values.size else None
 
-    torch_peak = peak("torch_peak_bytes")
-    out = {"allocator_reserve": peak("torch_reserved_bytes", "torch_allocated_bytes"),
-           "non_torch": peak("gpu_used_bytes", "torch_reserved_bytes"),
-           "total": peak("gpu_used_bytes")}
+    torch_peak = readings["torch_peak_bytes"].max
+    out = {"allocator_reserve": peak_difference("torch_reserved_bytes", "torch_allocated_bytes"),
+           "non_torch": peak_difference("gpu_used_bytes", "torch_reserved_bytes"),
+           "total": readings["gpu_used_bytes"].max}
     if torch_peak is not None and weights is not None and pool is not None:
         out["activation_workspace"] = max(0.0, torch_peak - weights - pool)
     return out

@@ -8,6 +8,7 @@ import time
 
 import kvprof
 from kvprof.format import schema
+from kvprof.recorder.memory import rss_now
 
 
 def _get(obj, *names, default=None):
@@ -103,15 +104,5 @@ def run_metadata(scheduler, options) -> dict:
         "engine": engine_config(vc),
         "hardware": hardware(),
         "options": options.to_dict(),
-        "rss_at_start_bytes": _rss(),
+        "rss_at_start_bytes": rss_now(),   # the baseline of memory growth
     }
-
-
-def _rss() -> int:
-    """This process's resident set when tracing starts: the baseline of memory growth."""
-    from kvprof.recorder.memory import RssReader
-    reader = RssReader()
-    try:
-        return reader.read()
-    finally:
-        reader.close()

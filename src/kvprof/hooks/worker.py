@@ -12,7 +12,7 @@ import time
 from kvprof.format import schema as S
 from kvprof.hooks import state
 from kvprof.recorder.columns import RowBuffer
-from kvprof.recorder.memory import GpuReader, RssReader
+from kvprof.recorder.memory import GpuReader, RssReader, rss_now
 from kvprof.recorder.session import TraceSession, parts_dir
 
 _now = time.monotonic_ns
@@ -115,9 +115,7 @@ class WorkerRecorder:
 def worker_metadata(wrapper) -> dict:
     """Weights and device facts of this worker, where they can be read."""
     meta: dict = {"pid": os.getpid(), "rank": int(getattr(wrapper, "rpc_rank", 0))}
-    rss = RssReader()
-    meta["rss_at_start_bytes"] = rss.read()
-    rss.close()
+    meta["rss_at_start_bytes"] = rss_now()
     try:
         import torch
         meta["torch"] = torch.__version__

@@ -32,6 +32,15 @@ class RssReader:
             self._fd = -1
 
 
+def rss_now() -> int:
+    """This process's resident set once (a baseline, not a per-step reading)."""
+    reader = RssReader()
+    try:
+        return reader.read()
+    finally:
+        reader.close()
+
+
 class GpuReader:
     """NVML and torch allocator readings for the current CUDA device, or nothing."""
 
