@@ -16,13 +16,14 @@ class Trace:
     """A start/stop handle; also a context manager (``with``, or ``async with`` for AsyncLLM)."""
 
     def __init__(self, engine, path, *, overwrite: bool = False, detail: str = "blocks",
-                 flush_interval_s: float = 1.0, record_prompts: bool = False,
-                 _fault_point: str | None = None):
+                 flush_interval_s: float = 1.0, flush_rows: int = 65536,
+                 record_prompts: bool = False, _fault_point: str | None = None):
         self.engine = engine
         self.path = os.fspath(path)
         self.overwrite = overwrite
         self.options = {"detail": detail, "flush_interval_s": flush_interval_s,
-                        "record_prompts": record_prompts, "fault_point": _fault_point}
+                        "flush_rows": flush_rows, "record_prompts": record_prompts,
+                        "fault_point": _fault_point}
         self.client, self.is_async = _engine_core_client(engine)
         self.summary: dict | None = None
         self.started: dict | None = None   # the EngineCore's answer: its pid, the workers' pids
@@ -43,7 +44,9 @@ class Trace:
         return self.summary
 
     def status(self) -> dict:
-        """The EngineCore's view: tracing or not, steps recorded, warnings emitted."""
+        """The EngineCore's view once its writers have caught up: tracing or not, steps
+        recorded, warnings emitted, and each worker's ``tracing``. Everything recorded
+        before the call is on disk when it returns, and a write error has been acted on."""
         return self._call("kvprof_status")
 
     def __enter__(self) -> "Trace":

@@ -5,9 +5,12 @@ one is not silently repeated in the other.
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from kvprof.format import schema as S
+from kvprof.models.engine import tiny_model_path
 
 
 def token_identity(trace) -> dict:
@@ -41,3 +44,21 @@ def block_identity(trace) -> list:
     prev = np.concatenate([[start], st.kv_blocks_used.to_numpy()[:-1]])
     expected = prev + st.blocks_allocated + st.blocks_revived - st.blocks_freed
     return st.step[expected != st.kv_blocks_used].tolist()
+
+
+def model_config() -> dict:
+    with open(f"{tiny_model_path()}/config.json") as f:
+        return json.load(f)
+
+
+def weights_bytes(cfg: dict, dtype_bytes: int = 2) -> int:
+    """Llama parameters: embeddings, per layer attention + MLP + 2 norms, final norm, head."""
+    h, inter, v, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    kv = cfg["num_key_value_heads"] * cfg["head_dim"]
+    q = cfg["num_attention_heads"] * cfg["head_dim"]
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * inter + 2 * h
+    return dtype_bytes * (v * h + layers * per_layer + h + v * h)
+
+
+def kv_bytes_per_block(cfg: dict, block_size: int, dtype_bytes: int = 2) -> int:
+    return cfg["num_hidden_layers"] * 2 * block_size * cfg["num_key_value_heads"] * cfg["head_dim"] * dtype_bytes

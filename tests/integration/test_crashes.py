@@ -23,7 +23,8 @@ from kvprof.format.reader import read_trace
 pytestmark = pytest.mark.engine
 
 FLUSH_S = 1.0        # the default flush interval, what users get
-MARGIN_S = 0.5       # one step, the writer thread's turn, and scheduling noise on 2 busy cores
+MARGIN_S = 0.5       # the writer thread's turn and scheduling noise on 2 busy cores, besides
+                     # the steps themselves (see _allowed_lag_s)
 ROUND = 32           # requests per generate() call in DRIVER
 
 DRIVER = '''
@@ -41,7 +42,7 @@ def main():
     workload = make_workload(%d, max_tokens=64, seed=0, length_scale=0.1)
     say(ready=True)
     sys.stdin.readline()                     # the test says when
-    deadline = time.monotonic() + 120        # never outlive a test that forgot us
+    deadline = time.monotonic() + 900        # never outlive a test that forgot us
     with kvprof.trace(llm, path) as handle:
         say(front=os.getpid(), core=handle.started["pid"], workers=handle.started["worker_pids"])
         rounds = 0
@@ -85,13 +86,16 @@ class Driver:
         raise AssertionError(f"the driver never said {key!r}: {self.log.read_text()[-3000:]}")
 
     def run_until_busy(self) -> None:
-        """Start generating; return mid-run, over a flush interval after the engine last idled."""
+        """Start generating; return mid-run, once a step that ended over a flush interval
+        after the engine last idled is on disk (so an interval flush, not an idle one, wrote
+        the last rows). A condition, not a sleep: it holds on a fast or a slow machine."""
         self.wait_for("ready")
         self.proc.stdin.write("go\n")
         self.proc.stdin.flush()
         self.pids = self.wait_for("core")
-        self.wait_for("round")
-        time.sleep(FLUSH_S + 0.7)
+        idled_ns = self.wait_for("round")["t"]
+        wait_until(lambda: _last_step(self.path, "t_update_end_ns", -1) > idled_ns + FLUSH_S * 1e9,
+                   "an interval flush mid-run", timeout=600)
 
     def kill(self, which: str) -> int:
         pid = {"front": self.pids["front"], "core": self.pids["core"],
@@ -129,6 +133,29 @@ def drivers(tmp_path_factory):
         driver.end()
 
 
+def wait_until(condition, what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _last_step(path, column: str, default):
+    """A column of the last step on disk (the trace is being written: read what is there)."""
+    try:
+        steps = read_trace(path)["steps"]
+    except TraceFormatError:
+        return default
+    return steps.column(column)[-1].as_py() if steps.num_rows else default
+
+
+def _allowed_lag_s(ends) -> float:
+    """The documented bound: a flush interval, plus one step (flushes happen at step ends),
+    plus the batch being written. Steps are measured, so a slower machine gets its own."""
+    longest_step_s = float(ends.diff().tail(200).max()) / 1e9
+    return FLUSH_S + 2 * longest_step_s + MARGIN_S
+
+
 def _wait_gone(driver, which, timeout):
     deadline = time.monotonic() + timeout
     while driver.alive(which) and time.monotonic() < deadline:
@@ -161,13 +188,13 @@ def test_kill_9_of_engine_core_loses_at_most_one_flush_interval(drivers, capsys,
     driver = drivers["core"]
     driver.run_until_busy()
     t_kill = driver.kill("core")
-    assert _wait_gone(driver, "core", 10)
+    assert _wait_gone(driver, "core", 60)
     rounds = driver.rounds_done()
     trace = read_trace(driver.path)
     steps = trace["steps"].to_pandas()
     lag = _lag_s(t_kill, steps.t_update_end_ns.max())
     _record_loss(record_property, lag, steps.t_update_end_ns)
-    assert 0 <= lag <= FLUSH_S + MARGIN_S, lag
+    assert 0 <= lag <= _allowed_lag_s(steps.t_update_end_ns), lag
     assert steps.step.tolist() == list(range(len(steps)))
     assert "engine_core" not in trace.end_records and not trace.complete
     assert any("no end record" in w for w in trace.warnings)
@@ -184,14 +211,14 @@ def test_kill_9_of_worker_loses_at_most_one_flush_interval_of_forwards(drivers, 
     driver = drivers["worker"]
     driver.run_until_busy()
     t_kill = driver.kill("worker")
-    assert _wait_gone(driver, "core", 30)   # vLLM ends the EngineCore when a worker dies ...
-    driver.proc.wait(30)                    # ... and the front end with EngineDeadError
+    assert _wait_gone(driver, "core", 120)  # vLLM ends the EngineCore when a worker dies ...
+    driver.proc.wait(120)                   # ... and the front end with EngineDeadError
     rounds = driver.rounds_done()
     trace = read_trace(driver.path)
     forward = trace["forward"].to_pandas()
     lag = _lag_s(t_kill, forward.t_end_ns.max())
     _record_loss(record_property, lag, forward.t_end_ns)
-    assert 0 <= lag <= FLUSH_S + MARGIN_S, lag
+    assert 0 <= lag <= _allowed_lag_s(forward.t_end_ns), lag
     req = trace["requests"].to_pandas()
     end = trace.end_records.get("engine_core")
     if end is not None:
@@ -214,31 +241,33 @@ def test_kill_9_of_worker_loses_at_most_one_flush_interval_of_forwards(drivers, 
 
 def test_kill_9_of_front_end_loses_nothing(drivers, capsys, record_property):
     """The EngineCore and worker outlive their front end (vLLM 0.32): they finish the requests
-    they hold, the trace is flushed when they idle, and SIGTERM closes it."""
+    they hold, the trace is flushed when they idle, and SIGTERM closes it.
+
+    The kill lands mid-round; how much of that round had reached the EngineCore is up to
+    timing, so the test takes the EngineCore's own count (its end record's requests_seen)
+    and checks that every one of those requests is in the trace, finished."""
     driver = drivers["front"]
     driver.run_until_busy()
     driver.kill("front")
-    driver.proc.wait(10)
-    held = (driver.rounds_done() + 1) * ROUND   # every request of the round in progress
-    deadline = time.monotonic() + 60
-    finished = 0
-    while finished < held and time.monotonic() < deadline:
-        try:
-            finished = read_trace(driver.path)["requests"].num_rows
-        except TraceFormatError:
-            pass
-        time.sleep(0.5)
-    assert finished == held
+    driver.proc.wait(60)
+    rounds = driver.rounds_done()
+    # Idle: the last step on disk left no KV block in use and nothing waiting (the idle
+    # flush wrote it); or the EngineCore is gone.
+    wait_until(lambda: not driver.alive("core") or (
+        _last_step(driver.path, "kv_blocks_used", -1) == 0
+        and _last_step(driver.path, "num_waiting", -1) == 0), "the engine to idle", timeout=600)
     orphans_left = driver.alive("core")
     record_property("engine_core_outlived_front_end", orphans_left)
     if orphans_left:   # what a user does with leftover processes: kill <pid>
         os.kill(driver.pids["core"], signal.SIGTERM)
-    assert _wait_gone(driver, "core", 30) and _wait_gone(driver, "worker", 30)
+    assert _wait_gone(driver, "core", 120) and _wait_gone(driver, "worker", 120)
     trace = read_trace(driver.path)
     req = trace["requests"].to_pandas()
-    assert len(req) == held and (req.output_tokens == 64).all()
+    assert rounds * ROUND <= len(req) <= (rounds + 1) * ROUND   # the round in progress, whole or part
+    assert (req.output_tokens == 64).all() and (req.finish_ns >= 0).all()
     if orphans_left:
         end = trace.end_records["engine_core"]
         assert end["complete"] and end["steps"] == trace["steps"].num_rows
+        assert end["requests_seen"] == len(req)   # every request the EngineCore took in
     result = _analyze(driver.path, capsys)
-    assert result["report"]["requests_finished"] == result["report"]["requests"] == held
+    assert result["report"]["requests_finished"] == result["report"]["requests"] == len(req)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import resource
 import threading
+import time
 
 import pytest
 
@@ -19,15 +20,19 @@ from .checks import block_identity, token_identity
 
 pytestmark = pytest.mark.engine
 
-FLUSH_S = 0.05   # many batches per run: a writer fault lands mid-run, with batches before it
+# Flushes by row count, never by time, so that every machine, fast or slow, flushes the same
+# batches: a writer fault named "@3" always lands mid-run, with batches before and after it.
+FLUSH = {"flush_interval_s": 3600.0, "flush_rows": 16}
 
 
 class EngineOutput:
     """Lines the engine's processes print, collected by a thread (a pipe: no file-size limit)."""
 
-    def __init__(self, read_fd: int):
+    def __init__(self, read_fd: int, write_fd: int):
         self.lines: list[str] = []
         self._file = os.fdopen(read_fd, "r", errors="replace")
+        self._write_fd = write_fd   # our own end of the pipe, for sync markers
+        self._markers = 0
         threading.Thread(target=self._collect, daemon=True).start()
 
     def _collect(self) -> None:
@@ -37,10 +42,25 @@ class EngineOutput:
     def mark(self) -> int:
         return len(self.lines)
 
+    def sync(self, timeout: float = 120.0) -> None:
+        """Wait until the reader has every line written to the pipe before this call.
+
+        A kvprof warning is written by the engine's process before the utility call that
+        caused it returns; a marker written now comes after it in the pipe, so once the
+        marker is read, so is the warning, however slow the reader thread was."""
+        self._markers += 1
+        marker = f"kvprof-test-sync {self._markers}"
+        os.write(self._write_fd, (marker + "\n").encode())
+        deadline = time.monotonic() + timeout
+        while marker not in self.lines[-50:]:
+            assert time.monotonic() < deadline, "the pipe reader never caught up"
+            time.sleep(0.01)
+
     def kvprof_lines(self, since: int) -> list[str]:
         """kvprof's lines since the mark; a traceback there (an exception that reached vLLM's
         logging) is a failure on its own."""
-        printed = self.lines[since:]
+        self.sync()
+        printed = [line for line in self.lines[since:] if not line.startswith("kvprof-test-sync")]
         assert not any("Traceback" in line for line in printed), "\n".join(printed)
         return [line for line in printed if "kvprof: " in line]
 
@@ -58,7 +78,6 @@ def _start_engine_printing_to(write_fd: int):
         os.dup2(saved[1], 2)
         os.close(saved[0])
         os.close(saved[1])
-        os.close(write_fd)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +86,7 @@ def served():
     cache, so every hook runs), its printed lines, and untraced reference outputs."""
     from kvprof.models.workload import make_workload
     read_fd, write_fd = os.pipe()
-    output = EngineOutput(read_fd)
+    output = EngineOutput(read_fd, write_fd)
     llm = _start_engine_printing_to(write_fd)
     workload = make_workload(16, max_tokens=48, seed=0, length_scale=0.1)
     served = {"llm": llm, "output": output, "workload": workload}
@@ -94,7 +113,7 @@ def _traced_run(served, path, **options):
     """One traced pass of the workload: outputs, the handle, the status while still tracing,
     and the kvprof lines the engine printed meanwhile."""
     since = served["output"].mark()
-    handle = kvprof.trace(served["llm"], path, flush_interval_s=FLUSH_S, **options)
+    handle = kvprof.trace(served["llm"], path, **FLUSH, **options)
     with handle:
         before = handle.status()
         outputs = _generate(served)
@@ -152,6 +171,7 @@ def test_fault_in_kvprof_leaves_the_engine_alone(served, tmp_path, fault, side, 
     # Only that recorder stopped; stop() returns why.
     summary = handle.summary
     worker_end = summary["workers"][0]
+    assert [w["tracing"] for w in status["workers"]] == [side == ENGINE]
     if side == ENGINE:
         assert status["tracing"] is False and status["new_warnings"] == 1
         assert summary["complete"] is False and summary["cut_short"] == _expected_cut(hook)
@@ -178,6 +198,28 @@ def test_fault_in_kvprof_leaves_the_engine_alone(served, tmp_path, fault, side, 
         assert trace.rows_dropped == {}
     assert block_identity(trace) == []
     assert token_identity(_with_request_rows(trace)) == {}
+
+
+@pytest.mark.parametrize("hook,side", [("TraceWriter.engine_core", ENGINE), ("TraceWriter.worker", WORKER)])
+def test_a_writer_failure_first_seen_at_stop_warns_once_and_cuts_the_trace(served, tmp_path, hook, side):
+    """A run shorter than any flush interval, with no status call: the first batch is written
+    at the engine's idle flush or at stop, the write fails, and stop() is the first to know."""
+    path = tmp_path / "short.arrow"
+    since = served["output"].mark()
+    with kvprof.trace(served["llm"], path, _fault_point=f"{hook}@0") as handle:   # default flushes
+        outputs = _generate(served, n=1)
+    lines = served["output"].kvprof_lines(since)
+    assert _tokens(outputs) == served["reference"][:1]
+    assert len(lines) == 1 and lines[0].endswith(_expected_warning(hook, side)), lines
+    end = handle.summary if side == ENGINE else handle.summary["workers"][0]
+    other = handle.summary["workers"][0] if side == ENGINE else handle.summary
+    assert end["complete"] is False and end["cut_short"] == _expected_cut(hook)
+    assert other["complete"] is True
+    trace = read_trace(path)
+    assert not trace.complete and trace.rows_dropped
+    said = (f"the trace was cut short: {_expected_cut(hook)}" if side == ENGINE
+            else f"worker-0 stopped recording early: {_expected_cut(hook)}")
+    assert said in trace.warnings
 
 
 class _with_request_rows:
@@ -266,7 +308,7 @@ DISK_LIMIT = 24 * 1024   # bytes per file: the EngineCore's files pass it a few 
 def test_disk_full_mid_run_stops_tracing_cleanly(served, tmp_path):
     path = tmp_path / "full.arrow"
     since = served["output"].mark()
-    handle = kvprof.trace(served["llm"], path, flush_interval_s=FLUSH_S).start()
+    handle = kvprof.trace(served["llm"], path, **FLUSH).start()
     try:
         with _FileSizeLimit(handle.started["pid"], DISK_LIMIT):
             outputs = _generate(served)

@@ -58,7 +58,7 @@ def test_kill_9_of_engine_core_leaves_a_readable_trace(tmp_path):
         pid = _wait_for_pid(log, timeout=240)
         _wait_for_steps(path, 20, timeout=120)
         os.kill(pid, signal.SIGKILL)
-        time.sleep(1.0)
+        _wait_dead(pid, timeout=120)   # nothing can write once it is gone
         on_disk = kvprof.open_trace(path)["steps"].num_rows
     finally:
         proc.kill()
@@ -68,6 +68,19 @@ def test_kill_9_of_engine_core_leaves_a_readable_trace(tmp_path):
     assert trace["requests"].num_rows >= 0 and trace["request_steps"].num_rows > 0
     assert not trace.complete
     assert any("no end record" in w for w in trace.warnings)
+
+
+def _wait_dead(pid: int, timeout: float) -> None:
+    import psutil
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        assert time.monotonic() < deadline, f"process {pid} outlived SIGKILL"
+        time.sleep(0.1)
 
 
 def _wait_for_pid(log, timeout):

@@ -14,8 +14,8 @@ import pytest
 
 from kvprof.cli.main import main
 from kvprof.format.reader import read_trace
-from kvprof.models.engine import tiny_model_path
 from tests.integration import checks
+from tests.integration.checks import kv_bytes_per_block, model_config, weights_bytes
 
 BATCH_SIZES = (1, 4, 16)
 PROMPTS, MAX_TOKENS, KV_BLOCKS = 24, 16, 20
@@ -39,24 +39,6 @@ def run_json(argv):
     with contextlib.redirect_stdout(buffer):
         code = main(argv)
     return code, json.loads(buffer.getvalue()) if code == 0 else None
-
-
-def model_config() -> dict:
-    with open(f"{tiny_model_path()}/config.json") as f:
-        return json.load(f)
-
-
-def weights_bytes(cfg: dict, dtype_bytes: int = 2) -> int:
-    """Llama parameters: embeddings, per layer attention + MLP + 2 norms, final norm, head."""
-    h, inter, v, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
-    kv = cfg["num_key_value_heads"] * cfg["head_dim"]
-    q = cfg["num_attention_heads"] * cfg["head_dim"]
-    per_layer = h * q + 2 * h * kv + q * h + 3 * h * inter + 2 * h
-    return dtype_bytes * (v * h + layers * per_layer + h + v * h)
-
-
-def kv_bytes_per_block(cfg: dict, block_size: int, dtype_bytes: int = 2) -> int:
-    return cfg["num_hidden_layers"] * 2 * block_size * cfg["num_key_value_heads"] * cfg["head_dim"] * dtype_bytes
 
 
 def test_every_batch_size_ran_at_its_concurrency(sweep):

@@ -31,7 +31,7 @@ def extreme(field: pa.Field):
     return 2 ** (field.type.bit_width - 1) - 1
 
 
-def wait_for(condition, timeout: float = 5.0) -> None:
+def wait_for(condition, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "timed out"
@@ -158,11 +158,15 @@ def test_full_queue_drops_and_counts_rows_without_blocking(blocked_write):
     writer = TraceWriter(StreamSet(), max_pending=1)
 
     def submit(table: str, rows: int) -> bool:
+        """submit() in a thread of its own: were it to wait for the blocked writer, the
+        thread would still be alive at the deadline (a condition, not a time limit)."""
         builder = steps_rows(rows) if table == "steps" else empty_rows(table)
-        start = time.perf_counter()
-        ok = writer.submit(table, builder, rows)
-        assert time.perf_counter() - start < 0.05
-        return ok
+        result = []
+        caller = threading.Thread(target=lambda: result.append(writer.submit(table, builder, rows)))
+        caller.start()
+        caller.join(60)
+        assert not caller.is_alive(), "submit() waited for the blocked writer"
+        return result[0]
 
     assert submit("steps", 2) is True           # taken by the writer thread, which blocks
     wait_for(entered.is_set)
@@ -196,6 +200,32 @@ def test_write_error_is_recorded_and_later_batches_are_dropped(monkeypatch):
     assert stats.rows_written == {} and stats.batches_written == 0
 
 
+def test_wait_idle_returns_once_every_submitted_batch_is_written(blocked_write):
+    entered, release, written = blocked_write
+    writer = TraceWriter(StreamSet())
+    assert writer.wait_idle(0) is True                       # nothing handed over yet
+    writer.submit("steps", steps_rows(2), 2)
+    writer.submit("steps", steps_rows(3), 3)
+    wait_for(entered.is_set)
+    assert writer.wait_idle(0.05) is False                   # blocked: the write cannot finish
+    release.set()
+    assert writer.wait_idle(60) is True
+    assert written == [("steps", 2), ("steps", 3)]
+
+
+def test_wait_idle_makes_a_write_error_known_without_another_submit(monkeypatch):
+    def write(self, table, batch):
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr(StreamSet, "write", write)
+    writer = TraceWriter(StreamSet())
+    writer.submit("steps", steps_rows(1), 1)
+    writer.submit("steps", steps_rows(2), 2)
+    assert writer.wait_idle(60) is True
+    assert writer.stats.error == "OSError: [Errno 27] File too large"
+    assert writer.stats.rows_dropped == {"steps": 3}
+
+
 def test_a_row_that_does_not_fit_its_type_stops_the_writer():
     rows = RowBuffer("preemptions", S.PREEMPTIONS)
     rows.append((0, 1, 2, 2 ** 31, 0, 0))           # computed_tokens is int32
@@ -214,10 +244,10 @@ def test_close_returns_within_its_timeout_when_the_writer_is_stuck(blocked_write
     writer.submit("steps", steps_rows(1), 1)   # the queue is now full
     closer = threading.Thread(target=writer.close, kwargs={"timeout": 0.2}, daemon=True)
     closer.start()
-    closer.join(1.0)
+    closer.join(60)   # the write stays blocked until release: only close's own timeout ends it
     stuck = closer.is_alive()
     release.set()
-    closer.join(5.0)
+    closer.join(60)
     assert not stuck
 
 

@@ -21,7 +21,9 @@ COMPONENTS = ("weights", "kv_pool_reserved", "kv_in_use_peak", "kv_in_use_mean",
 
 COMPONENT_NOTES = {
     "cpu": {
-        "weights": "parameter bytes of the model in the worker (measured once at trace start)",
+        "weights": "bytes of the model's weights in the worker: its parameters, and linear "
+                   "weights the backend repacked into its kernels' buffers counted at their "
+                   "shapes (measured once at trace start)",
         "kv_pool_reserved": "KV tensors allocated at start-up (vLLM reserves the whole pool "
                             "before the first request, so this does not grow with batch size)",
         "kv_in_use_peak": "peak KV blocks in use x bytes per block (KV accounting, every step)",
@@ -36,7 +38,9 @@ COMPONENT_NOTES = {
         "total": "peak worker RSS + peak EngineCore RSS (resident memory of the engine's processes)",
     },
     "cuda": {
-        "weights": "parameter bytes of the model in the worker (measured once at trace start)",
+        "weights": "bytes of the model's weights in the worker: its parameters, and linear "
+                   "weights the backend repacked into its kernels' buffers counted at their "
+                   "shapes (measured once at trace start)",
         "kv_pool_reserved": "KV tensors allocated at start-up (vLLM reserves the whole pool "
                             "before the first request, so this does not grow with batch size)",
         "kv_in_use_peak": "peak KV blocks in use x bytes per block (KV accounting, every step)",

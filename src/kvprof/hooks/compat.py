@@ -51,6 +51,8 @@ VLLM_ATTRIBUTES: tuple[str, ...] = (
     "EngineCore.scheduler", "EngineCore.model_executor", "Executor.collective_rpc",
     "EngineCoreClient.call_utility / call_utility_async", "LLM.llm_engine.engine_core",
     "WorkerWrapperBase.rpc_rank", "WorkerWrapperBase.worker.model_runner.model",
+    "ModelRunner.model_memory_usage (CUDA runners)",
+    "LinearBase.input_size_per_partition / output_size_per_partition (weights the CPU backend repacked)",
 )
 
 

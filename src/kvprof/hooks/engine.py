@@ -19,6 +19,7 @@ from kvprof.recorder.memory import RssReader
 from kvprof.recorder.session import TraceSession, parts_dir
 
 _now = time.monotonic_ns
+SYNC_TIMEOUT_S = 30.0   # a status call waits at most this long for the writer thread
 _repeat = itertools.repeat
 
 
@@ -109,14 +110,23 @@ class EngineRecorder:
                 and len(self.req_steps) < self.options.flush_rows:
             return
         self.last_flush_ns = now
+        full = [buf for buf in self.buffers.values() if len(buf)]
+        if not full:
+            return
         submit = self.session.writer.submit
-        fault = state.FAULT_POINT == WRITER_FAULT and state.fault_now(WRITER_FAULT)
-        for buf in self.buffers.values():
-            if len(buf):
-                builder, rows = buf.take()
-                if fault:
-                    builder, fault = state.FailingBuilder(WRITER_FAULT, builder), False
-                submit(buf.table, builder, rows)
+        fault = state.FAULT_POINT == WRITER_FAULT and state.fault_now(WRITER_FAULT)  # counts flushes with rows
+        for buf in full:
+            builder, rows = buf.take()
+            if fault:
+                builder, fault = state.FailingBuilder(WRITER_FAULT, builder), False
+            submit(buf.table, builder, rows)
+
+    def sync(self, timeout: float = SYNC_TIMEOUT_S) -> None:
+        """Hand every buffered row to the writer and wait until it is written, so that a
+        write error is known now rather than at a later flush (raises TraceWriteFailed)."""
+        self.flush(force=True)
+        self.session.writer.wait_idle(timeout)
+        self.flush(force=True)   # raises if the writer failed meanwhile
 
     # --------------------------------------------------------------- scheduler
     def on_add_request(self, request) -> None:

@@ -144,9 +144,13 @@ def _add_engine_core_methods(EngineCore) -> None:
         return stop_engine_recorder(executor=self.model_executor)
 
     def kvprof_status(self) -> dict:
+        """Where tracing stands, after the writers have written what was recorded so far:
+        a write error is acted on here (one warning, tracing off), not at a later step."""
+        _sync(ProcessState.recorder, ProcessState.fail, "TraceWriter.engine_core")
         rec = ProcessState.recorder
+        workers = _worker_statuses(self.model_executor)
         return {**status(), "tracing": rec is not None, "pid": os.getpid(),
-                "steps": getattr(rec, "rows_emitted", 0),
+                "steps": getattr(rec, "rows_emitted", 0), "workers": workers,
                 "warnings_emitted": ProcessState.warnings_emitted}
 
     EngineCore.kvprof_start = kvprof_start
@@ -221,6 +225,23 @@ def stop_engine_recorder(executor=None) -> dict:
     return end
 
 
+def _sync(rec, fail, where: str) -> None:
+    """Flush ``rec`` and wait for its writer; a failure goes through ``fail`` as a hook's would."""
+    if rec is None:
+        return
+    try:
+        rec.sync()
+    except Exception as exc:
+        fail(where, exc)
+
+
+def _worker_statuses(executor) -> list:
+    try:
+        return list(executor.collective_rpc("kvprof_worker_status", timeout=60))
+    except Exception as exc:
+        return [{"error": f"{type(exc).__name__}: {exc}"}]
+
+
 def _stop_workers(executor):
     try:
         return executor.collective_rpc("kvprof_worker_stop", timeout=30)
@@ -250,7 +271,13 @@ def _add_worker_methods(WorkerWrapperBase) -> None:
             _warn_worker_off(f"the trace writer failed: {end['cut_short']}")
         return end
 
+    def kvprof_worker_status(self) -> dict:
+        _sync(_worker_recorder(), _fail_worker, "TraceWriter.worker")
+        return {"rank": int(getattr(self, "rpc_rank", 0)), "pid": os.getpid(),
+                "tracing": _worker_recorder() is not None}
+
     WorkerWrapperBase.kvprof_worker_start = kvprof_worker_start
+    WorkerWrapperBase.kvprof_worker_status = kvprof_worker_status
     WorkerWrapperBase.kvprof_worker_stop = kvprof_worker_stop
     _wrap_forward(WorkerWrapperBase)
 

@@ -45,6 +45,7 @@ class WorkerRecorder:
         self.event_cls = _cuda_events()
         self.pending: list[tuple] = []   # (row index, start event, end event)
         self.flush_interval_ns = int(float(options.get("flush_interval_s", 1.0)) * 1e9)
+        self.flush_rows = max(1, int(options.get("flush_rows") or 65536))
         self.last_flush_ns = _now()
         self.closed = False
 
@@ -72,7 +73,7 @@ class WorkerRecorder:
             self.rss_value = self.rss.read()
         gpu = self.gpu.read()
         rows.append((step, self.rank, t0, t1, None, self.rss_value, before_cost + _now() - t1, *gpu))
-        if idle_next or t1 - self.last_flush_ns >= self.flush_interval_ns:
+        if idle_next or len(rows) >= self.flush_rows or t1 - self.last_flush_ns >= self.flush_interval_ns:
             self.flush()
 
     def after_sample(self) -> None:
@@ -101,6 +102,12 @@ class WorkerRecorder:
                 builder = state.FailingBuilder(WRITER_FAULT, builder)
             self.session.writer.submit("forward", builder, n)
 
+    def sync(self, timeout: float = 30.0) -> None:
+        """Hand every row to the writer and wait for it: a write error raises now."""
+        self.flush()
+        self.session.writer.wait_idle(timeout)
+        self.flush()
+
     def close(self, cut_short: str | None = None) -> dict:
         if self.closed:
             return {}
@@ -124,8 +131,43 @@ def worker_metadata(wrapper) -> dict:
             meta["device_name"] = torch.cuda.get_device_name()
             meta["device_total_bytes"] = int(torch.cuda.get_device_properties(
                 torch.cuda.current_device()).total_memory)
-        model = wrapper.worker.model_runner.model
-        meta["weights_bytes"] = int(sum(p.numel() * p.element_size() for p in model.parameters()))
+        runner = wrapper.worker.model_runner
+        meta["weights_bytes"], meta["weights_repacked_bytes"] = model_weight_bytes(runner.model)
+        loaded = getattr(runner, "model_memory_usage", None)   # vLLM's own measure (CUDA runners)
+        if loaded:
+            meta["weights_loaded_bytes"] = int(loaded)
     except Exception:
         pass
     return meta
+
+
+def model_weight_bytes(model) -> tuple[int, int]:
+    """The model's weight bytes, however the backend laid them out, and the part of
+    them that the backend repacked out of ``parameters()``.
+
+    vLLM's CPU backend repacks linear weights into oneDNN or SGL kernels' own
+    buffers and leaves an empty ``weight`` parameter behind, so a sum over
+    ``parameters()`` misses them (on CPUs with AVX-512 bf16, or with float32
+    weights). Such a layer still knows its shard's shape
+    (``input_size_per_partition`` × ``output_size_per_partition``): it counts at
+    that size in the weight's dtype, i.e. the bytes it held before packing."""
+    total, repacked, seen = 0, 0, set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:   # tied weights (embedding and LM head) count once
+                continue
+            seen.add(id(param))
+            size = param.numel()
+            if size == 0 and name == "weight":
+                size = _repacked_weight_numel(module)
+                repacked += size * param.element_size()
+            total += size * param.element_size()
+    return int(total), int(repacked)
+
+
+def _repacked_weight_numel(module) -> int:
+    rows = getattr(module, "output_size_per_partition", None)
+    cols = getattr(module, "input_size_per_partition", None)
+    if isinstance(rows, int) and isinstance(cols, int):
+        return rows * cols
+    return 0

@@ -79,6 +79,8 @@ class TraceWriter:
         self.stats = WriterStats()
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._unfinished = 0        # batches handed over and not yet written or dropped
         self._pending_rows = 0
         self._max_pending_rows = max_pending_rows
         self._thread = threading.Thread(target=self._run, name="kvprof-writer", daemon=True)
@@ -92,11 +94,14 @@ class TraceWriter:
         if rows == 0:
             return True
         if self.stats.error is None and self._reserve(rows):
+            with self._lock:
+                self._unfinished += 1
             try:
                 self._queue.put_nowait((table, builder, rows))
                 return True
             except queue.Full:
                 self._release(rows)
+                self._finished_one()
         self._count_dropped(table, rows, builder, final=self.stats.error is not None)
         return False
 
@@ -111,6 +116,21 @@ class TraceWriter:
         with self._lock:
             self._pending_rows -= rows
 
+    def _finished_one(self) -> None:
+        with self._lock:
+            self._unfinished -= 1
+            if self._unfinished == 0:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until every batch handed over so far is written or dropped (a failed write
+        has then set ``stats.error``); False if that took longer than ``timeout``.
+
+        This is how a caller learns the outcome of what it submitted without waiting for
+        a later flush (``kvprof_status`` uses it; ``close`` drains the queue anyway)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._unfinished == 0, timeout)
+
     def _count_dropped(self, table: str, rows: int, builder=None, final: bool = True) -> None:
         with self._lock:   # the engine thread and the writer thread both count
             self.stats.rows_dropped[table] = self.stats.rows_dropped.get(table, 0) + rows
@@ -119,8 +139,9 @@ class TraceWriter:
             discard(final)
 
     def _fail(self, exc: BaseException) -> None:
-        """The first write error stops the writer; the recorder that owns it sees ``stats.error``
-        at its next flush and stops tracing (one warning, from the hook guard)."""
+        """The first write error stops the writer. The recorder that owns it sees
+        ``stats.error`` at its next flush, at a status call (which waits for the writer) or
+        at stop, whichever comes first, and stops tracing with one warning."""
         self.stats.error = f"{type(exc).__name__}: {exc}"
 
     def _run(self) -> None:
@@ -130,20 +151,26 @@ class TraceWriter:
                 return
             table, builder, rows = item
             self._release(rows)
-            if self.stats.error is not None:
-                self._count_dropped(table, rows, builder)
-                continue
             try:
-                start = time.perf_counter_ns()
-                batch = builder()
-                self.stats.build_ns += time.perf_counter_ns() - start
-                self.streams.write(table, batch)
-            except Exception as exc:  # a full disk, a closed file, a bad row: stop writing, count the rest
-                self._fail(exc)
-                self._count_dropped(table, rows, builder)
-                continue
-            self.stats.batches_written += 1
-            self.stats.rows_written[table] = self.stats.rows_written.get(table, 0) + rows
+                self._write(table, builder, rows)
+            finally:
+                self._finished_one()
+
+    def _write(self, table: str, builder, rows: int) -> None:
+        if self.stats.error is not None:
+            self._count_dropped(table, rows, builder)
+            return
+        try:
+            start = time.perf_counter_ns()
+            batch = builder()
+            self.stats.build_ns += time.perf_counter_ns() - start
+            self.streams.write(table, batch)
+        except Exception as exc:  # a full disk, a closed file, a bad row: stop writing, count the rest
+            self._fail(exc)
+            self._count_dropped(table, rows, builder)
+            return
+        self.stats.batches_written += 1
+        self.stats.rows_written[table] = self.stats.rows_written.get(table, 0) + rows
 
     def close(self, timeout: float = 30.0) -> WriterStats:
         """Write what is queued (for at most ``timeout`` seconds), then close every stream."""
