@@ -20,13 +20,20 @@ class RunCommand:
                             help="scale of prompt lengths (1.0 = the study's, up to 2K tokens)")
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--trace", default="out/run.arrow", help="trace path (overwritten)")
+        parser.add_argument("--verbose", action="store_true",
+                            help="show what vLLM and torch print (default: kept in TRACE.log)")
 
     def run(self, args) -> int:
         from rich.console import Console
 
         console = Console()
+        from kvprof.cli.engine_output import engine_output
         from kvprof.format.reader import read_trace
-        summary, wall = run_traced(args)
+        output = engine_output(args.trace + ".log", args.verbose)
+        with output.session():
+            with Console(file=output.terminal_err).status(
+                    f"starting the engine and tracing {args.prompts} requests"):
+                summary, wall = run_traced(args)
         trace = read_trace(args.trace)
         from kvprof.analysis import analyze
         s = analyze(trace).to_dict()

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+from kvprof.cli.engine_output import engine_output
 from kvprof.errors import KvprofError, UsageError
 
 MANIFEST = "manifest.json"
@@ -40,15 +41,16 @@ class SweepCommand:
         parser.add_argument("--json", action="store_true", help="print the JSON report")
         parser.add_argument("--reanalyze", action="store_true",
                             help="do not run engines: report the sweep already in --out")
+        parser.add_argument("--verbose", action="store_true",
+                            help="show what vLLM and torch print (default: kept in OUT/engine.log)")
 
     def run(self, args) -> int:
         if args.reanalyze:
             rounds, plan = load_manifest(args.out)
         else:
-            from kvprof.api import ensure_supported
-            ensure_supported()
             plan = make_plan(args)
-            rounds = run_with_progress(plan, quiet=args.json)
+            output = engine_output(os.path.join(args.out, "engine.log"), args.verbose)
+            rounds = run_with_progress(plan, output, quiet=args.json)
             write_manifest(plan, rounds)
             plan = plan_dict(plan)
         report = analyse(rounds, plan)
@@ -99,9 +101,16 @@ def plan_dict(plan) -> dict:
     return asdict(plan)
 
 
-def run_with_progress(plan, quiet: bool):
-    """Run the sweep with a progress bar per batch size on stderr."""
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")   # vLLM warns a lot on a CPU
+def run_with_progress(plan, output, quiet: bool):
+    """Run the sweep with a progress bar per batch size on the terminal's stderr, and
+    what the engines print in ``output``'s log."""
+    with output.session():
+        from kvprof.api import ensure_supported
+        ensure_supported()   # imports vLLM, which prints as it loads
+        return _run_with_bars(plan, output.terminal_err, quiet)
+
+
+def _run_with_bars(plan, terminal, quiet: bool):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from kvprof.models import sweep_runner as runner
@@ -109,7 +118,7 @@ def run_with_progress(plan, quiet: bool):
     total = plan.prompts * plan.rounds
     columns = (TextColumn("[bold]bs={task.fields[bs]:>3}"), TextColumn("{task.description:<16}"),
                BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), disable=quiet) as bars:
+    with Progress(*columns, console=Console(file=terminal), disable=quiet) as bars:
         tasks = {bs: bars.add_task("waiting", total=total, bs=bs) for bs in plan.batch_sizes}
         finished_before = {bs: 0 for bs in plan.batch_sizes}
 
@@ -133,6 +142,8 @@ def run_with_progress(plan, quiet: bool):
 
 class SweepError(KvprofError):
     """An engine of the sweep failed to start or run."""
+
+    engine_failure = True   # the engine's log says why: its last lines are shown
 
 
 def write_manifest(plan, rounds) -> None:
