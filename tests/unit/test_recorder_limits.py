@@ -166,13 +166,16 @@ def test_a_stalled_writer_never_blocks_steps_and_drops_are_counted(tmp_path):
     assert (steps[1:] > steps[:-1]).all()                  # whole batches lost, order kept
 
 
-def steps_until_the_writer_fails(engine: Counting, n: int):
-    """Steps on their own thread until a hook raises (the recorder's cue to the hook guard)."""
+def steps_until_the_writer_fails(engine: Counting, timeout_s: float = 120.0):
+    """Steps on their own thread until a hook raises (the recorder's cue to the hook guard).
+    How many steps that takes depends on when the writer thread gets its turn: step until
+    then, with a deadline, rather than a fixed count."""
     raised = []
 
     def loop():
+        deadline = time.monotonic() + timeout_s
         try:
-            for _ in range(n):
+            while time.monotonic() < deadline:
                 engine.step()
         except Exception as exc:
             raised.append(exc)
@@ -197,7 +200,7 @@ def test_a_write_error_stops_the_writer_and_empties_the_index(tmp_path):
         write(table, batch)
 
     writer.streams.write = failing
-    error = steps_until_the_writer_fails(engine, 5_000)
+    error = steps_until_the_writer_fails(engine)
     assert isinstance(error, TraceWriteFailed)
     assert str(error) == "OSError: [Errno 28] No space left on device"
     assert len(calls) == 21                                 # nothing tried after the error
@@ -211,7 +214,7 @@ def test_a_write_error_stops_the_writer_and_empties_the_index(tmp_path):
 
 
 DISK_FULL = """
-import json, logging, resource, sys
+import json, logging, resource, sys, time
 sys.path.insert(0, {tests!r})
 from test_recorder_limits import Counting, produced
 from kvprof.hooks.state import ProcessState
@@ -223,7 +226,8 @@ resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))
 engine = Counting({path!r})
 ProcessState.recorder = engine.recorder
 error = None
-for _ in range({steps}):
+deadline = time.monotonic() + {timeout_s}
+while time.monotonic() < deadline:   # until the writer's error reaches a flush, however late
     try:                     # the hook guard, as around Scheduler.update_from_output
         engine.step()
     except Exception as exc:
@@ -238,7 +242,7 @@ print(json.dumps({{"end": ProcessState.failed_end, "warnings": warnings, "error"
 def test_a_file_size_limit_cuts_the_trace_cleanly(tmp_path):
     """RLIMIT_FSIZE makes a write fail with EFBIG, as a full disk would, in a subprocess."""
     path = str(tmp_path / "t.arrow")
-    code = DISK_FULL.format(tests=str(Path(__file__).parent), limit=64 * 1024, path=path, steps=6_000)
+    code = DISK_FULL.format(tests=str(Path(__file__).parent), limit=64 * 1024, path=path, timeout_s=120)
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
                           text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
