@@ -6,10 +6,11 @@ plugin entry point); this handle only sends them ``kvprof_start`` /
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 from kvprof.errors import EngineNotTraceable
-from kvprof.recorder.session import prepare_target
+from kvprof.recorder.session import parts_dir, prepare_target
 
 
 class Trace:
@@ -23,7 +24,7 @@ class Trace:
         self.overwrite = overwrite
         self.options = {"detail": detail, "flush_interval_s": flush_interval_s,
                         "flush_rows": flush_rows, "record_prompts": record_prompts,
-                        "fault_point": _fault_point}
+                        "fault_point": _fault_point, "overwrite": overwrite}
         self.client, self.is_async = _engine_core_client(engine)
         self.summary: dict | None = None
         self.started: dict | None = None   # the EngineCore's answer: its pid, the workers' pids
@@ -32,7 +33,7 @@ class Trace:
     # ------------------------------------------------------------ sync
     def start(self) -> "Trace":
         self._prepare()
-        self.started = _checked_start(self._call("kvprof_start", self.path, self.options))
+        self.started = self._started(self._call("kvprof_start", self.path, self.options))
         self.active = True
         return self
 
@@ -64,7 +65,7 @@ class Trace:
     # ----------------------------------------------------------- async
     async def start_async(self) -> "Trace":
         self._prepare()
-        self.started = _checked_start(
+        self.started = self._started(
             await self.client.call_utility_async("kvprof_start", self.path, self.options))
         self.active = True
         return self
@@ -92,6 +93,15 @@ class Trace:
     def _prepare(self) -> None:
         ensure_supported()
         prepare_target(self.path, self.overwrite)
+
+    def _started(self, answer) -> dict:
+        """The EngineCore's answer; data-parallel replicas write next to ``path``
+        (``.dp<rank>``), so the parts folder prepared for ``path`` itself goes."""
+        started = _checked_start(answer)
+        if started.get("path", self.path) != self.path:
+            with contextlib.suppress(OSError):
+                os.rmdir(parts_dir(self.path))   # only if empty
+        return started
 
     def _call(self, method: str, *args):
         if self.is_async:

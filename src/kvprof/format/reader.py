@@ -56,6 +56,7 @@ def read_trace(path: str, tables: tuple[str, ...] | None = None) -> Trace:
     """Read the trace at ``path`` (the main file the user named)."""
     path = os.fspath(path)
     warnings: list[str] = []
+    _refuse_replica_set(path)
     steps, meta = read_stream(path, "steps", warnings)
     version = meta.get(S.META_FORMAT, b"").decode()
     run = _checked_run(_run_metadata(meta, path), warnings)
@@ -105,6 +106,27 @@ def _check_rows_written(trace: Trace) -> None:
         if missing:
             trace.truncated = True
             trace.warnings.append(f"no end record from worker(s) {missing}: their last rows may be lost")
+
+
+def replica_traces(path: str) -> list[str]:
+    """The traces that data-parallel replicas wrote for the path the user named
+    (``serve.arrow`` → ``serve.dp0.arrow``, ``serve.dp1.arrow``, ...)."""
+    import glob
+    import re
+    stem, ext = os.path.splitext(path)
+    pattern = re.compile(re.escape(stem) + r"\.dp(\d+)" + re.escape(ext or ".arrow") + "$")
+    found = [(int(m.group(1)), p) for p in glob.glob(glob.escape(stem) + ".dp*" + (ext or ".arrow"))
+             if (m := pattern.match(p))]
+    return [p for _, p in sorted(found)]
+
+
+def _refuse_replica_set(path: str) -> None:
+    if not os.path.exists(path):
+        replicas = replica_traces(path)
+        if replicas:
+            raise TraceFormatError(
+                f"{path}: no such file; a data-parallel deployment wrote one trace per replica: "
+                f"{', '.join(replicas)} (read each)")
 
 
 def read_stream(path: str, table: str, warnings: list[str]) -> tuple[pa.Table, dict]:

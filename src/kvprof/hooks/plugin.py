@@ -163,22 +163,34 @@ def start_engine_recorder(scheduler, path: str, options: dict, executor=None) ->
     from kvprof.hooks.engine import EngineRecorder, Options
     from kvprof.hooks.metadata import run_metadata
 
+    from kvprof.errors import TraceTargetError
+    from kvprof.recorder.session import WriterLock, prepare_target, replica_path
+
     if ProcessState.recorder is not None:
         raise RuntimeError("kvprof is already tracing this engine")
+    options = dict(options)
+    overwrite = bool(options.pop("overwrite", False))
     opts = Options(**options)
     state.set_fault_point(opts.fault_point or os.environ.get("KVPROF_FAULT"))
     run = run_metadata(scheduler, opts)
+    dp_rank, dp_size = data_parallel_rank(scheduler)
+    if dp_size > 1:   # every replica's EngineCore writes a trace of its own
+        path = replica_path(path, dp_rank)
+        run["data_parallel"] = {"rank": dp_rank, "size": dp_size}
+    prepare_target(path, overwrite)     # a second time after the front end's: idempotent
+    lock = WriterLock(path)             # no second writer of this trace, in any layout
     workers = []
     try:
         if executor is not None:
             workers = executor.collective_rpc("kvprof_worker_start", args=(path, opts.to_dict()))
         recorder = EngineRecorder(scheduler, path, opts, run)
     except Exception as exc:   # no file can be opened (a full disk): no worker is left recording
+        lock.release()
         if executor is not None:
             _stop_workers(executor)
-        from kvprof.errors import TraceTargetError
         reason = getattr(exc, "strerror", None) or f"{type(exc).__name__}: {exc}"
         raise TraceTargetError(f"cannot write trace {path}: {reason}") from None
+    ProcessState.writer_lock = lock     # released once the workers have stopped too
     ProcessState.recorder = recorder
     ProcessState.warned = False
     ProcessState.failed_end = None
@@ -187,6 +199,13 @@ def start_engine_recorder(scheduler, path: str, options: dict, executor=None) ->
 
 
 _exit_hook_registered = False
+
+
+def data_parallel_rank(scheduler) -> tuple[int, int]:
+    """(rank, size) of this EngineCore among data-parallel replicas; (0, 1) without DP."""
+    parallel = scheduler.vllm_config.parallel_config
+    return int(getattr(parallel, "data_parallel_rank", 0) or 0), \
+        int(getattr(parallel, "data_parallel_size", 1) or 1)
 
 
 def _close_at_exit() -> None:
@@ -222,7 +241,14 @@ def stop_engine_recorder(executor=None) -> dict:
         workers = _stop_workers(executor)
         if workers is not None:
             end = {**end, "workers": workers}
+    _release_writer_lock()
     return end
+
+
+def _release_writer_lock() -> None:
+    lock, ProcessState.writer_lock = ProcessState.writer_lock, None
+    if lock is not None:
+        lock.release()
 
 
 def _sync(rec, fail, where: str) -> None:
@@ -386,12 +412,11 @@ def _env_options() -> dict:
 
 
 def _env_start_engine(scheduler, engine_core) -> None:
-    from kvprof.recorder.session import prepare_target
     path = os.environ[ENV_TRACE]
     executor = getattr(engine_core, "model_executor", None)
+    options = {**_env_options(), "overwrite": os.environ.get(ENV_OVERWRITE) == "1"}
     try:
-        prepare_target(path, overwrite=os.environ.get(ENV_OVERWRITE) == "1")
-        start_engine_recorder(scheduler, path, _env_options(), executor=executor)
+        start_engine_recorder(scheduler, path, options, executor=executor)
     except Exception as exc:
         log.warning("kvprof: KVPROF_TRACE=%s not recorded: %s", path, exc)
         return

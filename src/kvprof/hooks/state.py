@@ -80,6 +80,7 @@ class ProcessState:
     warnings_emitted = 0     # across this process's life; tests check it stays at one per failure
     failed_end: dict | None = None   # end record of a recorder a failure closed; the next stop returns it
     worker_failed_end: dict | None = None
+    writer_lock = None       # the EngineCore's hold on its trace (recorder.session.WriterLock)
 
     @classmethod
     def warn_off(cls, cause: str) -> None:

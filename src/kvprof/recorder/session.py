@@ -64,8 +64,20 @@ class TraceSession:
         return record
 
 
+LOCK_FILE = ".writer.lock"   # in the parts folder; held (flock) by the EngineCore writing the trace
+
+
+def replica_path(path: str, dp_rank: int) -> str:
+    """Where data-parallel replica ``dp_rank`` writes a trace the user named ``path``:
+    ``serve.arrow`` becomes ``serve.dp1.arrow``. Each replica's EngineCore is a writer of
+    its own, and two writers never share a file."""
+    stem, ext = os.path.splitext(path)
+    return f"{stem}.dp{dp_rank}{ext or '.arrow'}"
+
+
 def prepare_target(path: str, overwrite: bool) -> None:
-    """Fail early and clearly if the trace cannot be written at ``path``."""
+    """Fail early and clearly if the trace cannot be written at ``path``; never touch a
+    trace that another process is writing."""
     from kvprof.errors import TraceTargetError
 
     folder = os.path.dirname(os.path.abspath(path))
@@ -76,14 +88,58 @@ def prepare_target(path: str, overwrite: bool) -> None:
         raise TraceTargetError(f"cannot write trace {path}: folder {folder} is not writable")
     if os.path.isdir(path):
         raise TraceTargetError(f"cannot write trace {path}: it is a folder")
-    leftovers = os.path.isdir(parts) and os.listdir(parts)
+    leftovers = os.path.isdir(parts) and [f for f in os.listdir(parts) if f != LOCK_FILE]
     if (os.path.exists(path) or leftovers) and not overwrite:
         raise TraceTargetError(f"trace {path} exists; pass overwrite=True to replace it")
+    _refuse_if_being_written(path)
     try:
         if os.path.exists(path):
             os.remove(path)
-        if os.path.isdir(parts):
-            shutil.rmtree(parts)
-        os.makedirs(parts)
+        os.makedirs(parts, exist_ok=True)
+        for name in os.listdir(parts):   # the lock file stays: another writer may be waiting on it
+            if name != LOCK_FILE:
+                target = os.path.join(parts, name)
+                shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
     except OSError as exc:
         raise TraceTargetError(f"cannot write trace {path}: {exc.strerror or exc}") from None
+
+
+class WriterLock:
+    """An exclusive ``flock`` on the trace's lock file, held while one process writes it.
+
+    The kernel drops it when the process dies, so a crashed writer leaves no stale lock."""
+
+    def __init__(self, path: str):
+        import fcntl
+        from kvprof.errors import TraceTargetError
+
+        os.makedirs(parts_dir(path), exist_ok=True)
+        self.fd = os.open(os.path.join(parts_dir(path), LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _read_pid(self.fd)
+            os.close(self.fd)
+            raise TraceTargetError(f"cannot write trace {path}: process {holder} is writing it") from None
+        try:   # who holds it, for the refusal message; a full disk must not stop the trace here
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+        except OSError:
+            pass
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)   # closing drops the flock
+            self.fd = None
+
+
+def _refuse_if_being_written(path: str) -> None:
+    if os.path.exists(os.path.join(parts_dir(path), LOCK_FILE)):
+        WriterLock(path).release()   # raises TraceTargetError while another process holds it
+
+
+def _read_pid(fd: int) -> str:
+    try:
+        return os.pread(fd, 32, 0).decode().strip() or "?"
+    except OSError:
+        return "?"
