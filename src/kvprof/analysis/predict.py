@@ -43,6 +43,9 @@ class Source:
     blocks_total: int | None
     output_tokens_per_s: float        # measured: output tokens / (last update end - first start)
     mean_e2e_ms: float
+    mean_tpot_ms: float | None = None
+    preemptions: int = 0
+    budget_share: float = 0.0         # share of busy steps that used the whole token budget
 
 
 def source_from_trace(trace) -> Source:
@@ -57,19 +60,27 @@ def source_from_trace(trace) -> Source:
     context = np.bincount(step_of_row[ok], weights=(col(rows, "computed") + col(rows, "tokens"))[ok],
                           minlength=size)[number - lo] if size else np.zeros(0)
     busy = col(steps, "total_tokens") > 0
+    engine, kv = trace.run.get("engine") or {}, trace.run.get("kv") or {}
     running = col(steps, "num_running")
     samples = step_samples(start, busy, col(steps, "num_decode_reqs"), col(steps, "prefill_tokens"),
                            context, int(running.max(initial=0)))
     done = col(reqs, "finish_ns") >= 0
     requests = Requests(col(reqs, "prompt_tokens")[done], col(reqs, "cached_prompt_tokens")[done],
                         col(reqs, "output_tokens")[done])
-    engine, kv = trace.run.get("engine") or {}, trace.run.get("kv") or {}
     duration = (end[-1] - start[0]) / 1e9 if start.size else 0.0
     e2e = (col(reqs, "finish_ns") - col(reqs, "arrival_ns"))[done]
+    many = done & (col(reqs, "output_tokens") > 1)
+    tpot = ((col(reqs, "finish_ns") - col(reqs, "first_token_ns"))[many]
+            / (col(reqs, "output_tokens")[many] - 1))
+    budget = engine.get("max_num_batched_tokens")
+    total = col(steps, "total_tokens")[busy]
     return Source(trace.path, int(engine.get("max_num_seqs") or running.max(initial=0)), samples,
                   requests, engine.get("max_num_batched_tokens"), kv.get("block_size"),
                   kv.get("usable_blocks"), float(requests.output.sum() / duration) if duration else 0.0,
-                  float(e2e.mean() / 1e6) if e2e.size else 0.0)
+                  float(e2e.mean() / 1e6) if e2e.size else 0.0,
+                  float(tpot.mean() / 1e6) if tpot.size else None,
+                  int(col(steps, "preemptions").sum()),
+                  float((total >= budget).mean()) if budget and total.size else 0.0)
 
 
 @dataclass

@@ -27,12 +27,14 @@ class HeldOut:
     predicted: Prediction
     measured_e2e_ms: float
     interior: bool                    # between the smallest and largest batch sizes kept
+    measured_range: list[float]       # lowest and highest round: the noise the error is set against
 
     def to_dict(self) -> dict:
         p = self.predicted
         tps = p.output_tokens_per_s
         return {"batch_size": self.batch_size, "interior": self.interior,
                 "measured_output_tokens_per_s": self.measured_output_tokens_per_s,
+                "measured_range": self.measured_range,
                 "predicted_output_tokens_per_s": tps, "interval": p.interval,
                 "error": None if tps is None else tps / self.measured_output_tokens_per_s - 1,
                 "measured_e2e_ms": self.measured_e2e_ms, "predicted_e2e_ms": p.mean_e2e_ms,
@@ -96,9 +98,10 @@ def leave_one_out(groups: dict[int, list[Source]]) -> list[HeldOut]:
             continue
         nearest = min((s for s in others), key=lambda s: abs(s.batch_size - b))
         kept = [size for size in sizes if size != b]
-        out.append(HeldOut(b, _mean(s.output_tokens_per_s for s in groups[b]),
-                           predict_for(f, nearest, b), _mean(s.mean_e2e_ms for s in groups[b]),
-                           min(kept) < b < max(kept)))
+        rates = [s.output_tokens_per_s for s in groups[b]]
+        out.append(HeldOut(b, _mean(rates), predict_for(f, nearest, b),
+                           _mean(s.mean_e2e_ms for s in groups[b]), min(kept) < b < max(kept),
+                           [min(rates), max(rates)]))
     return out
 
 
@@ -132,25 +135,48 @@ def explain(f: Fit, per_seq: float, groups: dict[int, list[Source]],
             f"and about {per_seq / 1e6:.3f} ms to every token's time.")
     sizes = list(groups)
     for a, b, pa_, pb in zip(sizes, sizes[1:], predictions, predictions[1:]):
-        ra, rb = (_mean(s.output_tokens_per_s for s in groups[x]) for x in (a, b))
-        ea, eb = (_mean(s.mean_e2e_ms for s in groups[x]) for x in (a, b))
-        running = pb.mean_running - pa_.mean_running
-        if running <= 0 or pa_.step_ms is None or pb.step_ms is None:
-            continue
-        notes.append(
-            f"bs {a}→{b}: +{running:.1f} sequences on average; measured tokens/s "
-            f"{ra:,.0f}→{rb:,.0f} (x{rb / ra:.2f}), model step time {pa_.step_ms:.2f}→"
-            f"{pb.step_ms:.2f} ms ({(pb.step_ms - pa_.step_ms) / running:+.3f} ms per added "
-            f"sequence, dominant term {pb.dominant_term}); measured end-to-end {ea:,.0f}→{eb:,.0f} ms "
-            f"({(eb - ea) / running:+,.1f} ms per added sequence)" + _limits(groups[b], pb) + ".")
-    return notes
+        notes.append(step_note(a, b, groups, pa_, pb))
+    return [n for n in notes if n]
+
+
+def step_note(a: int, b: int, groups: dict[int, list[Source]], pa_: Prediction,
+              pb: Prediction) -> str | None:
+    """One grid step: throughput and latency per added sequence, measured and modelled, the
+    term through which the step time rose, and the limits met."""
+    added = pb.mean_running - pa_.mean_running
+    if added <= 0 or pa_.step_ms is None or pb.step_ms is None:
+        return None
+    ra, rb = (_mean(s.output_tokens_per_s for s in groups[x]) for x in (a, b))
+    ta, tb = (_mean(s.mean_tpot_ms for s in groups[x]) for x in (a, b))
+    ea, eb = (_mean(s.mean_e2e_ms for s in groups[x]) for x in (a, b))
+    rise = {name: (pb.term_shares[name] * pb.step_ms - pa_.term_shares[name] * pa_.step_ms) / added
+            for name in pb.term_shares}
+    top = max(rise, key=rise.get)
+    return (f"bs {a}→{b} (+{added:.1f} sequences running on average): output tokens/s "
+            f"{ra:,.0f}→{rb:,.0f}, {(rb - ra) / added:+,.1f} per added sequence (model "
+            f"{(pb.output_tokens_per_s - pa_.output_tokens_per_s) / added:+,.1f}); TPOT "
+            f"{ta:.1f}→{tb:.1f} ms, {(tb - ta) / added:+.2f} ms per added sequence; model step "
+            f"time {pa_.step_ms:.1f}→{pb.step_ms:.1f} ms, {(pb.step_ms - pa_.step_ms) / added:+.2f} "
+            f"ms per added sequence, most of it {TERM_WORDS[top]} ({rise[top] * 1e3:+.0f} µs); "
+            f"end-to-end {ea:,.0f}→{eb:,.0f} ms, {(eb - ea) / added:+,.1f} ms per added sequence"
+            + _limits(groups[b], pb) + ".")
+
+
+TERM_WORDS = {"fixed_ns": "the fixed cost", "per_decode_request_ns": "decode requests",
+              "per_prefill_token_ns": "prefill tokens", "per_context_token_ns": "context attended"}
 
 
 def _limits(runs: list[Source], p: Prediction) -> str:
-    """Capacity and budget limits the prediction meets at this batch size."""
+    """Capacity and budget limits met at this batch size (measured), and a batch not kept full."""
     out = []
-    if p.fits_kv is False:
-        out.append(f"needs {p.kv_blocks_needed} KV blocks of {runs[0].blocks_total}: preemption")
+    preempted = sum(s.preemptions for s in runs)
+    if preempted:
+        out.append(f"the KV pool filled ({preempted} preemptions)")
+    elif p.fits_kv is False:
+        out.append(f"needs {p.kv_blocks_needed} KV blocks of {runs[0].blocks_total}")
+    budget = _mean(s.budget_share for s in runs)
+    if budget > 0.05:
+        out.append(f"{budget:.0%} of steps used the whole token budget ({runs[0].token_budget})")
     if p.mean_running < 0.85 * p.batch_size:
         out.append(f"the batch is not kept full ({p.mean_running:.1f} of {p.batch_size} on "
                    f"average: ramp-up and drain of {len(runs[0].requests.prompt)} requests)")

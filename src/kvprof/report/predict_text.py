@@ -46,17 +46,29 @@ def predictions_table(predictions: list[dict], title: str = "Predicted") -> Tabl
 
 
 def leave_one_out_table(rows: list[dict]) -> Table:
-    table = Table(title="Each batch size predicted from the others (leave one batch size out)",
-                  title_justify="left")
-    for name in ("batch size", "measured tok/s", "predicted", "interval", "error",
-                 "measured e2e ms", "predicted", "error", "where"):
-        table.add_column(name, justify="right" if name != "where" else "left")
+    table = Table(title="Each batch size predicted from the others (output tokens/s; "
+                        "end-to-end ms)", title_justify="left")
+    for name in ("bs", "measured (rounds)", "predicted (95 %)", "error", "e2e", "predicted",
+                 "error", ""):
+        table.add_column(name, justify="right" if name else "left")
     for r in rows:
         low, high = r["interval"] or (None, None)
+        lo, hi = r["measured_range"]
         where = "interior" if r["interior"] else "extrapolated" if r["extrapolated"] else "edge"
-        table.add_row(str(r["batch_size"]), num(r["measured_output_tokens_per_s"]),
-                      num(r["predicted_output_tokens_per_s"]),
-                      "—" if low is None else f"{low:,.0f}–{high:,.0f}", pct(r["error"]),
-                      num(r["measured_e2e_ms"]), num(r["predicted_e2e_ms"]), pct(r["e2e_error"]),
+        table.add_row(str(r["batch_size"]), f"{r['measured_output_tokens_per_s']:,.0f} ({lo:,.0f}–{hi:,.0f})",
+                      f"{num(r['predicted_output_tokens_per_s'], 0)}"
+                      + ("" if low is None else f" ({low:,.0f}–{high:,.0f})"), pct(r["error"]),
+                      num(r["measured_e2e_ms"], 0), num(r["predicted_e2e_ms"], 0), pct(r["e2e_error"]),
                       where + (f" (no number: {r['refused']})" if r["refused"] else ""))
     return table
+
+
+def sweep_section(model: dict | None):
+    """The sweep report's throughput-and-latency part: costs, leave-one-out, the words."""
+    from rich.console import Group
+    from rich.text import Text
+    if model is None:
+        return Text("Step-time model: too few steps to fit.")
+    return Group(costs_table(model, "Step-time model, all batch sizes jointly (non-negative "
+                                    "costs, 95 % interval)"),
+                 *[Text(note) for note in model["notes"]], leave_one_out_table(model["leave_one_out"]))
