@@ -28,6 +28,7 @@ class Requests:
     prompt: np.ndarray
     cached: np.ndarray
     output: np.ndarray
+    lag: int = 0          # steps between a finish's next step and its replacement's admission
 
 
 @dataclass
@@ -66,7 +67,9 @@ def source_from_trace(trace) -> Source:
                            context, int(running.max(initial=0)))
     done = col(reqs, "finish_ns") >= 0
     requests = Requests(col(reqs, "prompt_tokens")[done], col(reqs, "cached_prompt_tokens")[done],
-                        col(reqs, "output_tokens")[done])
+                        col(reqs, "output_tokens")[done],
+                        refill_lag(col(reqs, "first_scheduled_step")[done], col(reqs, "finish_step")[done],
+                                   int(running.max(initial=0))))
     duration = (end[-1] - start[0]) / 1e9 if start.size else 0.0
     e2e = (col(reqs, "finish_ns") - col(reqs, "arrival_ns"))[done]
     many = done & (col(reqs, "output_tokens") > 1)
@@ -81,6 +84,17 @@ def source_from_trace(trace) -> Source:
                   float(tpot.mean() / 1e6) if tpot.size else None,
                   int(col(steps, "preemptions").sum()),
                   float((total >= budget).mean()) if budget and total.size else 0.0)
+
+
+def refill_lag(admitted: np.ndarray, finished: np.ndarray, batch_size: int) -> int:
+    """How many steps after the step following a finish its replacement got in (median): 0
+    when requests wait queued, 1 for a client that adds one while the EngineCore, in its own
+    process, has already started the next step. Requests in arrival order (req index)."""
+    if batch_size <= 0 or admitted.size <= batch_size:
+        return 0
+    freed_by = np.sort(finished)[: admitted.size - batch_size]
+    late = admitted[batch_size:] - freed_by - 1
+    return int(max(np.median(late), 0))
 
 
 @dataclass
@@ -99,20 +113,27 @@ class Schedule:
 def simulate(requests: Requests, batch_size: int, token_budget: int | None) -> Schedule:
     """vLLM V1's order: running requests first (decodes, then prefill chunks), then admissions
     in arrival order while slots and the token budget last; a prefill's last chunk samples the
-    first token; a finished request's slot is taken in the next step."""
+    first token. The first ``batch_size`` requests are there at the start; each finish lets
+    the next one in ``requests.lag`` steps after the following step (an idle engine waits)."""
     budget_max = token_budget or 1 << 30
     n = len(requests.prompt)
     # a full prefix hit still recomputes the prompt's last token
     computed = np.minimum(requests.cached, requests.prompt - 1).clip(0).astype(np.int64)
     emitted = np.zeros(n, np.int64)
     admitted, first, finished = (np.full(n, -1, np.int64) for _ in range(3))
+    ready = np.full(n, np.iinfo(np.int64).max)
+    ready[:batch_size] = 0
+    released = min(batch_size, n)
     running: list[int] = []
-    nxt, step = 0, 0
+    nxt = 0
     composition = []
     while nxt < n or running:
+        step = len(composition)
+        if not running and ready[nxt] > step:
+            ready[nxt] = step                    # nothing to run: the engine waits for it
         budget, decode, prefill, context = budget_max, 0, 0, 0
         for r in running + list(range(nxt, min(n, nxt + batch_size - len(running)))):
-            if budget <= 0:
+            if budget <= 0 or ready[r] > step:
                 break
             if admitted[r] < 0:
                 admitted[r], nxt = step, nxt + 1
@@ -128,9 +149,10 @@ def simulate(requests: Requests, batch_size: int, token_budget: int | None) -> S
                 first[r] = step if first[r] < 0 else first[r]
                 if emitted[r] >= max(requests.output[r], 1):
                     finished[r] = step
+                    if released < n:
+                        ready[released], released = step + 1 + requests.lag, released + 1
         running = [r for r in running if finished[r] < 0]
         composition.append((decode, prefill, context))
-        step += 1
     decode_a, prefill_a, context_a = np.asarray(composition, np.float64).reshape(-1, 3).T
     return Schedule(decode_a, prefill_a, context_a, admitted, first, finished)
 @dataclass
@@ -167,6 +189,7 @@ def predict(f: Fit, requests: Requests, batch_size: int, token_budget: int | Non
     others = [rate(c) for c in f.alternatives]     # equally good models widen the interval
     low, high = float(min([low, *others])), float(max([high, *others]))
     point = rate(best)
+    low, high = min(low, point), max(high, point)
     running = _running(s)
     extrapolated = bool(running.max(initial=0) > f.max_running)   # more in flight than ever fitted
     refused = None
