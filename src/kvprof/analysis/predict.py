@@ -87,14 +87,15 @@ def source_from_trace(trace) -> Source:
 
 
 def refill_lag(admitted: np.ndarray, finished: np.ndarray, batch_size: int) -> int:
-    """How many steps after the step following a finish its replacement got in (median): 0
-    when requests wait queued, 1 for a client that adds one while the EngineCore, in its own
-    process, has already started the next step. Requests in arrival order (req index)."""
+    """How many steps after the step following a finish its replacement usually got in (the
+    most common delay; longer ones wait for the token budget): 0 when requests wait queued,
+    1 for a client that adds one while the EngineCore, in its own process, has already
+    started the next step. Requests in arrival order (req index)."""
     if batch_size <= 0 or admitted.size <= batch_size:
         return 0
     freed_by = np.sort(finished)[: admitted.size - batch_size]
-    late = admitted[batch_size:] - freed_by - 1
-    return int(max(np.median(late), 0))
+    late = np.clip(admitted[batch_size:] - freed_by - 1, 0, None)
+    return int(np.argmax(np.bincount(late)))
 
 
 @dataclass
