@@ -27,21 +27,25 @@ def costs_table(model: dict, title: str = "Step-time model (non-negative costs, 
     return table
 
 
+SHORT = {"fixed per step": "fixed", "per decode request": "decode",
+         "per prefill token": "prefill", "per context token": "context"}
+
+
 def predictions_table(predictions: list[dict], title: str = "Predicted") -> Table:
-    table = Table(title=title, title_justify="left")
-    for name in ("batch size", "output tokens/s", "interval", "step ms", "TPOT ms",
-                 "mean e2e ms", "mean running", "dominant cost", "note"):
-        table.add_column(name, justify="right" if name not in ("dominant cost", "note") else "left")
+    table = Table(title=title, title_justify="left", caption="tok/s: output tokens/s; 95 %: its "
+                  "interval; TPOT, e2e: mean time per output token, end-to-end latency (ms)")
+    for name in ("bs", "tok/s", "95 %", "step ms", "TPOT", "e2e", "running", "dominant", "note"):
+        table.add_column(name, justify="left" if name in ("dominant", "note") else "right")
     for p in predictions:
         low, high = p["interval"] or (None, None)
         notes = [n for n, on in (("extrapolated", p["extrapolated"]),
                                  ("beyond the KV pool", p.get("fits_kv") is False)) if on]
         if p.get("refused"):
             notes.append(f"no number: {p['refused']}")
-        table.add_row(str(p["batch_size"]), num(p["output_tokens_per_s"]),
+        table.add_row(str(p["batch_size"]), num(p["output_tokens_per_s"], 0),
                       "—" if low is None else f"{low:,.0f}–{high:,.0f}", num(p["step_ms"], 2),
-                      num(p.get("tpot_ms"), 2), num(p["mean_e2e_ms"]), num(p.get("mean_running"), 1),
-                      p.get("dominant_term") or "—", "; ".join(notes))
+                      num(p.get("tpot_ms"), 2), num(p["mean_e2e_ms"], 0), num(p.get("mean_running"), 1),
+                      SHORT.get(p.get("dominant_term"), "—"), "; ".join(notes))
     return table
 
 
