@@ -108,3 +108,44 @@ def test_reanalyze_reports_the_same_sweep(sweep):
     code, again = run_json(["sweep", "--reanalyze", "--out", str(out), "--json"])
     assert code == 0
     assert again["runs"] == report["runs"] and again["curve"] == report["curve"]
+
+
+def test_the_step_model_on_the_real_engine(sweep, capsys):
+    """Non-negative costs; the scheduler model replays the engine's own steps at batch size 1
+    (and its token totals at every size); each batch size is set against the analyzer's
+    measured throughput; what needs more KV than the pool is said."""
+    from kvprof.analysis.predict import simulate, source_from_trace
+    out, report = sweep
+    model = report["step_time_model"]
+    assert all(v >= 0 for v in model["coefficients"].values())
+    runs = {r["batch_size"]: r for r in report["runs"]}
+    held = {h["batch_size"]: h for h in model["leave_one_out"]}
+    assert sorted(held) == list(BATCH_SIZES)
+    for bs, h in held.items():
+        assert h["measured_output_tokens_per_s"] == pytest.approx(runs[bs]["output_tokens_per_s"])
+        assert h["interior"] == (bs == 4)
+    for bs in BATCH_SIZES:
+        trace = read_trace(runs[bs]["traces"][0])
+        source = source_from_trace(trace)
+        steps = trace["steps"]
+        busy = steps.column("total_tokens").to_numpy() > 0
+        schedule = simulate(source.requests, bs, source.token_budget)
+        decode = steps.column("num_decode_reqs").to_numpy()[busy]
+        prefill = steps.column("prefill_tokens").to_numpy()[busy]
+        requests = trace["requests"]
+        outputs = sum(requests.column("output_tokens").to_pylist())
+        assert schedule.decode.sum() == outputs - PROMPTS
+        if bs == 1:     # one request at a time: the engine's steps exactly
+            assert list(schedule.decode) == list(decode) and list(schedule.prefill) == list(prefill)
+        if runs[bs]["preemptions"] == 0:   # preemption recomputes: only then the totals agree
+            assert decode.sum() == outputs - PROMPTS
+            assert schedule.prefill.sum() == prefill.sum()
+    code, predicted = run_json(["predict", str(out), "--batch-sizes", "2,16,32", "--json"])
+    assert code == 0
+    at = {p["batch_size"]: p for p in predicted["predictions"]}
+    assert not at[2]["extrapolated"] and at[32]["extrapolated"]
+    assert at[16]["fits_kv"] is False            # the sweep preempted there
+    for p in at.values():
+        low, high = p["interval"]
+        assert p["output_tokens_per_s"] is None or low <= p["output_tokens_per_s"] <= high
+        assert p["step_ms"] > 0 and p["mean_e2e_ms"] > p["step_ms"]

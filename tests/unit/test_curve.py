@@ -375,3 +375,53 @@ def test_missing_file_folder_and_bad_options(tmp_path, capsys):
                    "--params and --dtype-bytes go together")
     assert_refused(capsys, ["curve", str(EXAMPLE), "--params", "-3", "--dtype-bytes", "2"],
                    "expected a positive number")
+
+
+# ------------------------------------------------------------------ throughput and latency columns
+def test_published_throughput_and_latency_explained(capsys):
+    """TPOT = latency / 512; per added sequence it stays near 0.11 ms (no saturation above
+    32), while throughput x TPOT shows the batch far from full (13.6 of 64 running)."""
+    report = curve_json(capsys, EXAMPLE, "--output-tokens", "512")
+    perf = report["performance"]
+    rows = {r["batch_size"]: r for r in perf["rows"]}
+    published = {1: (148, 3420), 4: (392, 3680), 8: (587, 3910), 16: (803, 4250),
+                 32: (961, 5120), 64: (1008, 6890)}
+    sizes = sorted(published)
+    for b, (tps, lat) in published.items():
+        assert rows[b]["tpot_ms"] == pytest.approx(lat / 512)
+        assert rows[b]["implied_running"] == pytest.approx(tps * lat / 512 / 1e3)
+    for a, b in zip(sizes, sizes[1:]):
+        assert rows[b]["gain_per_added_sequence"] == pytest.approx(
+            (published[b][0] - published[a][0]) / (b - a))
+        assert rows[b]["tpot_per_added_sequence_ms"] == pytest.approx(
+            (published[b][1] - published[a][1]) / 512 / (b - a))
+    assert round(rows[64]["tpot_per_added_sequence_ms"], 3) == 0.108     # (6890-5120)/512/32
+    b = np.array(sizes, float)
+    t = np.array([published[s][1] / 512 for s in sizes])
+    slope, intercept = np.polyfit(b, t, 1)         # both positive: NNLS is least squares here
+    assert perf["fit"]["per_sequence_ms"] == pytest.approx(slope)
+    assert perf["fit"]["fixed_ms"] == pytest.approx(intercept)
+    text = " ".join(perf["explanation"])
+    assert "does not rise in the last interval" in text and "not saturating" in text
+    assert "64: 13.6" in text and "64: 4,756" in text        # 64 / 13.457 ms
+    assert main(["curve", str(EXAMPLE), "--output-tokens", "512"]) == 0
+    flat = " ".join(capsys.readouterr().out.split())
+    assert "Throughput and latency per added sequence" in flat and "+0.108" in flat
+
+
+def test_a_rising_step_time_per_sequence_is_called_saturation():
+    from kvprof.analysis.curve_perf import explain_performance
+    sizes = [1, 2, 4, 8, 16]
+    tpot = [10.0, 10.1, 10.3, 10.7, 13.9]            # +0.1 per sequence, then +0.4
+    perf = explain_performance(sizes, [1e3 * b / t for b, t in zip(sizes, tpot)],
+                               [t * 100 for t in tpot], 100)
+    text = " ".join(perf["explanation"])
+    assert "rises to 0.400 ms from about 0.100 ms" in text and "saturating" in text
+    assert "fewer ran than the batch allowed" not in text   # full batches throughout
+
+
+def test_latency_without_output_tokens_asks_for_them(capsys):
+    report = curve_json(capsys, EXAMPLE)
+    perf = report["performance"]
+    assert perf["rows"][1]["tpot_ms"] is None
+    assert any("--output-tokens" in line for line in perf["explanation"])

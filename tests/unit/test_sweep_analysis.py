@@ -98,6 +98,16 @@ def test_sweep_report_combines_rounds_and_compares_with_the_first_size(tmp_path)
     assert [len(p["rounds"]) for p in points["kv_in_use_peak"]["points"]] == [2, 2, 2, 2]
     # read once per engine start: its rounds are one reading, not replicates
     assert [len(p["rounds"]) for p in points["non_torch"]["points"]] == [1, 1, 1, 1]
+    # the step-time model: each batch size predicted from the others (exact synthetic costs)
+    model = report["step_time_model"]
+    held = {h["batch_size"]: h for h in model["leave_one_out"]}
+    assert sorted(held) == [1, 2, 4, 8]
+    for bs, h in held.items():
+        rates = [m.output_tokens_per_s for m in by_size[bs]]
+        assert h["measured_range"] == [min(rates), max(rates)]
+        assert h["predicted_output_tokens_per_s"] == pytest.approx(np.mean(rates), rel=2e-3), bs
+        assert h["interior"] == (bs in (2, 4)) and h["extrapolated"] == (bs == 8)
+    assert len(model["notes"]) == 1 + 3 and model["notes"][1].startswith("bs 1→2 ")
 
 
 def test_mean_e2e_is_the_analyzers(tmp_path):

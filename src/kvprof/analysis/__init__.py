@@ -17,7 +17,8 @@ from kvprof.analysis.batch import Batch, batch
 from kvprof.analysis.kv import KV, kv
 from kvprof.analysis.latency import KINDS, Latency, latency
 from kvprof.analysis.memory import Memory, memory
-from kvprof.analysis.step_model import StepModel, Workload, step_model
+from kvprof.analysis.predict import Requests, StepModel, step_model
+from kvprof.analysis.step_model import step_samples
 from kvprof.analysis.throughput import Throughput, Tokens, throughput
 from kvprof.errors import TraceFormatError, UsageError
 
@@ -354,22 +355,17 @@ def _window_bounds(window) -> tuple[float, float] | None:
 
 def _step_model(sel: Selection, rp: Replay, done, predict, kv_result: KV, engine, batch_result,
                 measured_output_rate) -> StepModel:
-    """Fit on the selected steps that scheduled tokens; the workload shape of finished requests."""
+    """Fit on the selected steps that scheduled tokens (their cycle: schedule start to the
+    next schedule start); predict for the finished requests' workload."""
     st = sel.steps
-    busy = st["total_tokens"] > 0
-    step_ns = (st["t_update_end_ns"] - st["t_schedule_start_ns"])[busy]
-    prompt, out = done["prompt_tokens"], done["output_tokens"]
-    mean_prompt = float(prompt.mean()) if prompt.size else 0.0
-    mean_out = float(out.mean()) if out.size else 1.0
-    decode_ctx = rp.decode_context / rp.decode_rows if rp.decode_rows else mean_prompt + mean_out / 2
-    workload = Workload(mean_prompt, float(done["cached_prompt_tokens"].mean()) if prompt.size else 0.0,
-                        mean_out, float(decode_ctx))
-    limits = {"blocks_total": kv_result.blocks_total, "block_size": kv_result.block_size,
-              "max_num_batched_tokens": engine.get("max_num_batched_tokens"),
-              "max_running": batch_result.max_running}
-    return step_model(step_ns, st["num_decode_reqs"][busy], st["prefill_tokens"][busy],
-                      rp.context[sel.mask][busy], workload, tuple(predict), limits,
-                      observed=(batch_result.mean_running, measured_output_rate))
+    samples = step_samples(st["t_schedule_start_ns"], st["total_tokens"] > 0, st["num_decode_reqs"],
+                           st["prefill_tokens"], rp.context[sel.mask], int(batch_result.max_running or 0))
+    requests = Requests(done["prompt_tokens"], done["cached_prompt_tokens"], done["output_tokens"])
+    limits = {"token_budget": engine.get("max_num_batched_tokens"),
+              "block_size": kv_result.block_size, "blocks_total": kv_result.blocks_total}
+    ran = engine.get("max_num_seqs") or batch_result.max_running
+    return step_model(samples, requests, limits, tuple(predict),
+                      observed=(int(ran), measured_output_rate) if ran else None)
 
 
 def _timeline(sel: Selection, rp: Replay) -> pa.Table:

@@ -1,22 +1,91 @@
-"""A linear model of step time from step composition, and what it predicts at other batch sizes.
+"""A step-time model with non-negative costs, its uncertainty, and what the data cannot tell.
 
-step_ns = fixed + per_decode_request * decode requests + per_prefill_token * prefill tokens
-          + per_context_token * context tokens (sum of computed + scheduled over the step's requests)
+cycle_ns = fixed + per_decode_request * decode requests + per_prefill_token * prefill tokens
+           + per_context_token * context tokens (computed + scheduled, summed over the step's requests)
 
-Fitted by least squares on the steps that scheduled tokens. The prediction at batch
-size B assumes a steady state in which every request lives for O steps (one prefill
-of P - H new tokens, O - 1 decodes), so B / O requests are admitted per step; see
-docs/analyses.md for the formula and its limits.
+The time is a step's *cycle*: from its schedule start to the next step's (the last step: to
+its update end), so that the model's steps add up to the run's duration, front-end work
+between steps included. Every cost is a physical time and cannot be negative: the fit is
+non-negative least squares (Lawson–Hanson, in numpy). The interval comes from a moving-block
+bootstrap of the steps (consecutive steps are alike, so blocks keep that correlation in each
+draw), refitted each time. A term the data cannot separate from the others (it never varied,
+or it moved in step with another) is named, and every model that fits the data as well as
+the best one is kept beside it: predictions carry their spread (docs/analyses.md).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-
 import numpy as np
 
 COEFFICIENTS = ("fixed_ns", "per_decode_request_ns", "per_prefill_token_ns", "per_context_token_ns")
-MIN_STEPS = 5
+TERM_NAMES = ("fixed per step", "per decode request", "per prefill token", "per context token")
+MIN_STEPS = 8
+BOOTSTRAP_DRAWS = 200
+COLLINEAR_R2 = 0.995       # a column explained this well by the others cannot be told apart
+F99 = 6.63                 # 99 % point of chi2(1): "fits as well" (see alternatives)
+
+
+def nnls(a: np.ndarray, b: np.ndarray, max_iter: int | None = None) -> np.ndarray:
+    """argmin ||a x - b|| subject to x >= 0 (Lawson & Hanson 1974, active-set)."""
+    m, n = a.shape
+    x = np.zeros(n)
+    passive = np.zeros(n, bool)
+    gradient = a.T @ (b - a @ x)
+    tol = 10 * np.finfo(float).eps * np.linalg.norm(a, 1) * max(m, n)
+    for _ in range(max_iter or 3 * n + 10):
+        if passive.all() or (gradient[~passive] <= tol).all():
+            break
+        candidates = np.where(~passive, gradient, -np.inf)
+        passive[int(np.argmax(candidates))] = True
+        while True:
+            z = np.zeros(n)
+            z[passive] = np.linalg.lstsq(a[:, passive], b, rcond=None)[0]
+            if (z[passive] > 0).all():
+                break
+            blocking = passive & (z <= 0)
+            alpha = np.min(x[blocking] / (x[blocking] - z[blocking]))
+            x = x + alpha * (z - x)
+            passive &= x > tol
+            x[~passive] = 0.0
+        x = z
+        gradient = a.T @ (b - a @ x)
+    return x
+
+
+@dataclass
+class StepSamples:
+    """The fitted steps: cycle time and composition, and which source each came from."""
+
+    cycle_ns: np.ndarray
+    decode: np.ndarray
+    prefill: np.ndarray
+    context: np.ndarray
+    max_running: int = 0
+
+    def design(self) -> np.ndarray:
+        return design_matrix(self.decode, self.prefill, self.context)
+
+    @staticmethod
+    def join(parts: list["StepSamples"]) -> "StepSamples":
+        cat = lambda name: np.concatenate([getattr(p, name) for p in parts]).astype(np.float64)  # noqa: E731
+        return StepSamples(cat("cycle_ns"), cat("decode"), cat("prefill"), cat("context"),
+                           max((p.max_running for p in parts), default=0))
+
+
+def step_samples(start_ns, busy, decode, prefill, context, max_running: int) -> StepSamples:
+    """The busy steps that have a next step (the last one's cycle is unknown), with their
+    cycle: schedule start to the next schedule start."""
+    start_ns = np.asarray(start_ns, np.int64)
+    keep = np.asarray(busy, bool).copy()
+    keep[-1:] = False
+    cycle = np.append(np.diff(start_ns), 0)
+    return StepSamples(*(np.asarray(v)[keep].astype(np.float64)
+                         for v in (cycle, decode, prefill, context)), max_running)
+
+
+def design_matrix(decode, prefill, context) -> np.ndarray:
+    ones = np.ones(len(decode))
+    return np.column_stack([ones, decode, prefill, context]).astype(np.float64)
 
 
 @dataclass
@@ -24,128 +93,144 @@ class Fit:
     coefficients: dict[str, float] | None
     r2: float | None
     rmse_ms: float | None
-    rank: int
     steps: int
+    max_running: int = 0
+    draws: np.ndarray | None = None            # bootstrap coefficient vectors (draws x 4)
+    unseparable: dict[str, str] = field(default_factory=dict)   # term -> why
+    alternatives: list[np.ndarray] = field(default_factory=list)  # models that fit as well
 
+    @property
+    def vector(self) -> np.ndarray:
+        return np.array([self.coefficients[name] for name in COEFFICIENTS])
 
-@dataclass
-class Workload:
-    """The request shape the prediction assumes, measured in the selection."""
+    @property
+    def degenerate(self) -> bool:
+        return bool(self.unseparable)
 
-    mean_prompt_tokens: float
-    mean_cached_prompt_tokens: float
-    mean_output_tokens: float
-    mean_decode_context_tokens: float
+    def absent(self) -> list[int]:
+        """Columns that were always 0: the data says nothing of their cost."""
+        return [COEFFICIENTS.index(name) for name, why in self.unseparable.items()
+                if why.startswith("no ")]
 
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-@dataclass
-class Prediction:
-    batch_size: float
-    step_ms: float
-    output_tokens_per_s: float
-    decode_requests_per_step: float
-    prefill_tokens_per_step: float
-    context_tokens_per_step: float
-    kv_blocks_needed: int | None     # every request at its full length
-    fits_kv: bool | None
-    fits_token_budget: bool | None
-    extrapolated: bool               # beyond the largest batch seen in the trace
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-@dataclass
-class StepModel:
-    fit: Fit
-    workload: Workload
-    predictions: list[Prediction] = field(default_factory=list)
-    check: dict | None = None        # the model at the trace's own mean batch vs what was measured
+    def intervals(self) -> dict[str, list[float]] | None:
+        """2.5 and 97.5 percentiles of each cost over the bootstrap and the alternatives."""
+        if self.draws is None:
+            return None
+        low, high = np.percentile(self.draws, [2.5, 97.5], axis=0)
+        if self.alternatives:
+            stack = np.vstack(self.alternatives)
+            low, high = np.minimum(low, stack.min(axis=0)), np.maximum(high, stack.max(axis=0))
+        return {name: [float(lo), float(hi)] for name, lo, hi in zip(COEFFICIENTS, low, high)}
 
     def to_dict(self) -> dict:
-        return {"coefficients": self.fit.coefficients, "r2": self.fit.r2,
-                "rmse_ms": self.fit.rmse_ms, "rank": self.fit.rank, "steps": self.fit.steps,
-                "workload": self.workload.to_dict(),
-                "predictions": [p.to_dict() for p in self.predictions], "check": self.check}
+        return {"coefficients": self.coefficients, "intervals": self.intervals(), "r2": self.r2,
+                "rmse_ms": self.rmse_ms, "steps": self.steps, "max_running": self.max_running,
+                "unseparable": dict(self.unseparable),
+                "alternatives": [dict(zip(COEFFICIENTS, map(float, v))) for v in self.alternatives]}
 
 
-def design_matrix(decode_reqs, prefill_tokens, context_tokens) -> np.ndarray:
-    ones = np.ones(len(decode_reqs))
-    return np.column_stack([ones, decode_reqs, prefill_tokens, context_tokens]).astype(np.float64)
-
-
-def fit(step_ns: np.ndarray, decode_reqs: np.ndarray, prefill_tokens: np.ndarray,
-        context_tokens: np.ndarray) -> Fit:
-    """Least squares with columns scaled to [0, 1] (conditioning), coefficients in ns."""
-    x = design_matrix(decode_reqs, prefill_tokens, context_tokens)
-    y = np.asarray(step_ns, np.float64)
-    if len(y) < MIN_STEPS or not (np.isfinite(x).all() and np.isfinite(y).all()):
-        return Fit(None, None, None, 0, len(y))
+def solve(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """NNLS with the columns scaled to [0, 1] (conditioning); coefficients in ns. With
+    x = QR, |x c - y|² = |R c - Qᵀy|² + a constant: the active-set loop runs on 4 rows."""
     scale = np.abs(x).max(axis=0)
     scale[scale == 0] = 1.0
-    try:
-        solution, _, rank, _ = np.linalg.lstsq(x / scale, y, rcond=None)
-    except np.linalg.LinAlgError:   # only on absurd inputs (a corrupt trace): no model
-        return Fit(None, None, None, 0, len(y))
-    coef = solution / scale
+    q, r = np.linalg.qr(x / scale)
+    return nnls(r, q.T @ y) / scale
+
+
+def fit(samples: StepSamples, draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> Fit:
+    """Fit, bootstrap, and name what the design cannot separate; no model on too few steps."""
+    x, y = samples.design(), np.asarray(samples.cycle_ns, np.float64)
+    n = len(y)
+    if n < MIN_STEPS or not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return Fit(None, None, None, n, samples.max_running)
+    coef = solve(x, y)
     residual = y - x @ coef
+    rss = float(residual @ residual)
     total = float(((y - y.mean()) ** 2).sum())
-    r2 = 1.0 - float((residual ** 2).sum()) / total if total > 0 else 1.0
-    rmse_ms = float(np.sqrt((residual ** 2).mean()) / 1e6)
-    return Fit(dict(zip(COEFFICIENTS, map(float, coef))), r2, rmse_ms, int(rank), len(y))
+    unseparable = separability(x)
+    return Fit(dict(zip(COEFFICIENTS, map(float, coef))),
+               1.0 - rss / total if total > 0 else 1.0, float(np.sqrt(rss / n) / 1e6), n,
+               samples.max_running, bootstrap(x, y, draws, seed), unseparable,
+               alternatives(x, y, rss, coef, unseparable))
 
 
-def steady_state(batch_size: float, w: Workload) -> tuple[float, float, float]:
-    """(decode requests, prefill tokens, context tokens) of one step at ``batch_size``."""
-    admitted = batch_size / max(w.mean_output_tokens, 1.0)
-    decode = batch_size - admitted
-    prefill = admitted * max(w.mean_prompt_tokens - w.mean_cached_prompt_tokens, 0.0)
-    context = decode * w.mean_decode_context_tokens + admitted * w.mean_prompt_tokens
-    return decode, prefill, context
+def separability(x: np.ndarray) -> dict[str, str]:
+    """Terms whose column never varied or is (nearly) a combination of the others."""
+    out = {}
+    for j in range(1, x.shape[1]):
+        column = x[:, j]
+        if np.ptp(column) == 0:
+            what = TERM_NAMES[j].removeprefix("per ")
+            out[COEFFICIENTS[j]] = (f"no {what}s in the data" if column[0] == 0 else
+                                    f"{what}s never varied (always {column[0]:g})")
+            continue
+        others = np.delete(x, j, axis=1)
+        fitted = others @ np.linalg.lstsq(others, column, rcond=None)[0]
+        r2 = 1 - float(((column - fitted) ** 2).sum()) / float(((column - column.mean()) ** 2).sum())
+        if r2 >= COLLINEAR_R2:
+            out[COEFFICIENTS[j]] = (f"{TERM_NAMES[j].removeprefix('per ')} moved in step with the "
+                                    f"other terms (R² {r2:.4f})")
+    return out
 
 
-def predict(f: Fit, batch_size: float, w: Workload, limits: dict) -> Prediction | None:
-    """Step time and output throughput at ``batch_size``; None without a fit.
+def alternatives(x: np.ndarray, y: np.ndarray, best_rss: float, best: np.ndarray,
+                 unseparable: dict[str, str]) -> list[np.ndarray]:
+    """For each unseparable term, the two ends of the costs that fit the data as well as the
+    best: move along the direction that trades the term for the combination of the others
+    it follows, as far as costs stay non-negative and the residual sum of squares grows by
+    less than the 99 % point of chi2(1) times the noise variance."""
+    n, p = x.shape
+    sigma2 = max(best_rss / max(n - p, 1), 1e-12 * float(np.mean(y ** 2)))
+    out = []
+    for name in unseparable:
+        j = COEFFICIENTS.index(name)
+        if not x[:, j].any():
+            continue
+        others = [k for k in range(p) if k != j]
+        w = np.linalg.lstsq(x[:, others], x[:, j], rcond=None)[0]
+        direction = np.zeros(p)
+        direction[j], direction[others] = 1.0, -w
+        off = float(((x[:, j] - x[:, others] @ w) ** 2).sum())
+        reach = np.sqrt(F99 * sigma2 / off) if off > 0 else np.inf
+        for sign in (1.0, -1.0):
+            d = sign * direction
+            shrinking = d < 0
+            t = min(reach, float(np.min(best[shrinking] / -d[shrinking])) if shrinking.any() else np.inf)
+            if 0 < t < np.inf:
+                out.append(np.maximum(best + t * d, 0.0))
+    return out
 
-    ``limits``: blocks_total, block_size, max_num_batched_tokens, max_running (any may be None)."""
-    if f.coefficients is None:
-        return None
-    decode, prefill, context = steady_state(batch_size, w)
-    a, b, c, d = (f.coefficients[name] for name in COEFFICIENTS)
-    step_ns = a + b * decode + c * prefill + d * context
-    blocks = _blocks_needed(batch_size, w, limits.get("block_size"))
-    total, budget = limits.get("blocks_total"), limits.get("max_num_batched_tokens")
-    return Prediction(
-        batch_size=batch_size, step_ms=step_ns / 1e6,
-        output_tokens_per_s=batch_size / step_ns * 1e9 if step_ns > 0 else math.inf,
-        decode_requests_per_step=decode, prefill_tokens_per_step=prefill,
-        context_tokens_per_step=context, kv_blocks_needed=blocks,
-        fits_kv=blocks <= total if blocks is not None and total else None,
-        fits_token_budget=decode + prefill <= budget if budget else None,
-        extrapolated=batch_size > (limits.get("max_running") or 0))
+
+def bootstrap(x: np.ndarray, y: np.ndarray, draws: int, seed: int) -> np.ndarray:
+    """Coefficients refitted on moving-block resamples of the steps. A draw's normal
+    equations are sums of its blocks' (prefix sums of each step's x xᵀ and x y), so a draw
+    costs its number of blocks, not its number of steps."""
+    n, p = x.shape
+    block = max(1, min(n // 4, int(round(n ** (1 / 3)))))
+    scale = np.abs(x).max(axis=0)
+    scale[scale == 0] = 1.0
+    xs = x / scale
+    gram = np.concatenate([np.zeros((1, p, p)), np.cumsum(xs[:, :, None] * xs[:, None, :], axis=0)])
+    cross = np.concatenate([np.zeros((1, p)), np.cumsum(xs * y[:, None], axis=0)])
+    rng = np.random.default_rng(seed)
+    out = np.empty((draws, p))
+    for d in range(draws):
+        starts = rng.integers(0, n - block + 1, size=-(-n // block))
+        g = (gram[starts + block] - gram[starts]).sum(axis=0)
+        h = (cross[starts + block] - cross[starts]).sum(axis=0)
+        out[d] = solve_normal(g, h) / scale
+    return out
 
 
-def _blocks_needed(batch_size: float, w: Workload, block_size: int | None) -> int | None:
-    if not block_size:
-        return None
-    per_request = math.ceil((w.mean_prompt_tokens + w.mean_output_tokens) / block_size)
-    return int(math.ceil(batch_size) * per_request)
+def solve_normal(g: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """NNLS from the normal equations g = xᵀx, h = xᵀy (through g's Cholesky factor)."""
+    ridge = 1e-12 * max(float(np.trace(g)), 1e-300)
+    r = np.linalg.cholesky(g + ridge * np.eye(len(g))).T
+    return nnls(r, np.linalg.solve(r.T, h))
 
 
-def step_model(step_ns, decode_reqs, prefill_tokens, context_tokens, workload: Workload,
-               predict_at: tuple = (), limits: dict | None = None,
-               observed: tuple[float, float] | None = None) -> StepModel:
-    """Fit, predict at ``predict_at``, and check the model at ``observed`` =
-    (mean running, measured output tokens/s)."""
-    limits = limits or {}
-    f = fit(step_ns, decode_reqs, prefill_tokens, context_tokens)
-    predictions = [p for p in (predict(f, b, workload, limits) for b in predict_at) if p]
-    check = None
-    if observed is not None and f.coefficients is not None and observed[0] > 0:
-        at = predict(f, observed[0], workload, limits)
-        check = {"batch_size": observed[0], "predicted_output_tokens_per_s": at.output_tokens_per_s,
-                 "measured_output_tokens_per_s": observed[1]}
-    return StepModel(f, workload, predictions, check)
+def term_times(coef: np.ndarray, decode, prefill, context) -> np.ndarray:
+    """Time of each term summed over the given steps (ns), in COEFFICIENTS order."""
+    totals = np.array([len(decode), np.sum(decode), np.sum(prefill), np.sum(context)], np.float64)
+    return coef * totals

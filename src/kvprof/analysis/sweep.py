@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvprof.analysis import Analysis, analyze
+from kvprof.analysis.predict import source_from_trace
+from kvprof.analysis.sweep_model import sweep_model
 
 COMPONENTS = ("weights", "kv_pool_reserved", "kv_in_use_peak", "kv_in_use_mean",
               "activation_workspace", "allocator_reserve", "non_torch", "engine_process", "total")
@@ -75,6 +77,7 @@ class RoundMeasure:
     evidence: dict
     warnings: list[str] = field(default_factory=list)
     worker_rss_at_start: float | None = None    # the CPU baseline of activation_workspace
+    source: object = field(default=None, repr=False)   # predict.Source: the step-time model's data
 
 
 def measure_round(trace, batch_size: int, round_index: int) -> RoundMeasure:
@@ -92,7 +95,8 @@ def measure_round(trace, batch_size: int, round_index: int) -> RoundMeasure:
         components=memory_components(trace, result, device),
         evidence=evidence(trace, result, device),
         warnings=list(result.warnings),
-        worker_rss_at_start=_sum_known(w.get("rss_at_start_bytes") for w in trace.run.get("workers") or []))
+        worker_rss_at_start=_sum_known(w.get("rss_at_start_bytes") for w in trace.run.get("workers") or []),
+        source=source_from_trace(trace))
 
 
 def rebase_rounds(rounds: list[RoundMeasure]) -> None:
@@ -290,6 +294,7 @@ class SweepReport:
     capacity_bytes: int | None
     plan: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    step_model: object = None            # sweep_model.SweepModel (None: no usable fit)
 
     @property
     def baseline(self) -> BatchSizeRuns:
@@ -303,6 +308,7 @@ class SweepReport:
                 "component_notes": COMPONENT_NOTES[self.device],
                 "runs": runs, "throughput_notes": throughput_notes(runs, self.plan.get("prompts")),
                 "latency_notes": latency_notes(runs),
+                "step_time_model": self.step_model.to_dict() if self.step_model else None,
                 "curve": self.curve.to_dict(), "warnings": list(self.warnings)}
 
     def run_dict(self, run: BatchSizeRuns) -> dict:
@@ -356,8 +362,9 @@ def sweep_report(rounds: list[RoundMeasure], plan: dict | None = None) -> SweepR
     devices = {r.device for r in rounds}
     device = "cuda" if "cuda" in devices else "cpu"
     warnings = [f"bs={r.batch_size} round {r.round_index}: {w}" for r in rounds for w in r.warnings]
+    model = sweep_model([r.source for r in rounds if r.source is not None])
     return SweepReport(runs, explain_sweep(points), device, rounds[0].capacity_bytes,
-                       dict(plan or {}), warnings)
+                       dict(plan or {}), warnings, model)
 
 
 def throughput_notes(runs: list[dict], prompts: int | None = None) -> list[str]:

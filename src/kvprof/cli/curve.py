@@ -42,6 +42,9 @@ class CurveCommand:
                             help="the model's parameter count (e.g. 40e9), for a weights check")
         parser.add_argument("--dtype-bytes", type=positive_float, metavar="B",
                             help="bytes per parameter (2 for FP16/BF16), with --params")
+        parser.add_argument("--output-tokens", type=positive_float, metavar="N",
+                            help="output tokens per request, to read a latency_ms column as "
+                                 "time per output token (latency / N)")
         parser.add_argument("--json", action="store_true", help="print the JSON report")
 
     def run(self, args) -> int:
@@ -54,6 +57,11 @@ class CurveCommand:
                                 dtype_bytes=args.dtype_bytes, unit=UNIT_WORDS[column])
         result = report.to_dict()
         result["source"] = {"path": args.path, "column": column}
+        performance = read_performance(args.path)
+        if performance:
+            from kvprof.analysis.curve_perf import explain_performance
+            result["performance"] = explain_performance(
+                *performance, int(args.output_tokens) if args.output_tokens else None)
         if args.json:
             from kvprof.report.json_report import clean
             print(json.dumps(clean(result), indent=2, allow_nan=False))
@@ -94,6 +102,32 @@ def read_points(path: str) -> tuple[list[int], list[float], str]:
         raise TraceFormatError(f"{path}: {distinct} distinct batch size{'s' if distinct != 1 else ''}"
                                f"; at least 3 are needed to fit a curve")
     return batch_sizes, values, column
+
+
+PERF_COLUMNS = {"output_tokens_per_s": ("output_tokens_per_s", "output_tok_s"),
+                "latency_ms": ("latency_ms", "mean_latency_ms", "mean_e2e_ms")}
+
+
+def read_performance(path: str) -> tuple[list[int], list, list] | None:
+    """(batch sizes, output tokens/s, mean latency ms) when the CSV has either column;
+    an empty cell is a value not given."""
+    rows = _rows(path)
+    header = [h.strip().lower() for h in rows[0]]
+    at = {key: next((header.index(n) for n in names if n in header), None)
+          for key, names in PERF_COLUMNS.items()}
+    if all(i is None for i in at.values()):
+        return None
+    bs_at = header.index("batch_size")
+    sizes, columns = [], {key: [] for key in at}
+    for line, row in rows[1:]:
+        sizes.append(int(_number(path, line, row, bs_at, "batch_size")))
+        for key, i in at.items():
+            given = i is not None and i < len(row) and row[i].strip()
+            value = _number(path, line, row, i, header[i]) if given else None
+            if value is not None and value <= 0:
+                raise TraceFormatError(f"{path}: line {line}: {header[i]} must be positive")
+            columns[key].append(value)
+    return sizes, columns["output_tokens_per_s"], columns["latency_ms"]
 
 
 def _rows(path: str) -> list:

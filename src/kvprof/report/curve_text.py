@@ -90,4 +90,22 @@ def render_curve(report: dict) -> Group:
                    if line not in warnings]
     parts.append(Text("\n".join(explanation)))
     parts += [Text(f"warning: {w}", style="yellow") for w in report.get("warnings", [])]
+    if report.get("performance"):
+        parts.append(performance_table(report["performance"]))
+        parts += [Text(line) for line in report["performance"]["explanation"]]
     return Group(*parts)
+
+
+def performance_table(perf: dict) -> Table:
+    """Throughput and latency columns, per added sequence (analysis/curve_perf.py)."""
+    table = Table(title="Throughput and latency per added sequence", title_justify="left")
+    for name in ("batch size", "output tok/s", "per added seq", "latency ms", "TPOT ms",
+                 "TPOT per added seq", "running (tok/s x TPOT)"):
+        table.add_column(name, justify="right")
+    fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
+    for r in perf["rows"]:
+        table.add_row(str(r["batch_size"]), fmt(r["output_tokens_per_s"], ",.0f"),
+                      fmt(r["gain_per_added_sequence"], "+,.1f"), fmt(r["latency_ms"], ",.0f"),
+                      fmt(r["tpot_ms"], ".2f"), fmt(r["tpot_per_added_sequence_ms"], "+.3f"),
+                      fmt(r["implied_running"], ".1f"))
+    return table

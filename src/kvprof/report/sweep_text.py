@@ -6,6 +6,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from kvprof.report.predict_text import sweep_section
 from kvprof.report.text import num, pct
 
 
@@ -83,6 +84,7 @@ def render(report) -> Group:
     rounds = max((r["rounds"] for r in runs), default=0)
     parts = [throughput_table(runs, rounds), *[Text(note) for note in d["throughput_notes"]],
              latency_table(runs), *[Text(note) for note in d["latency_notes"]],
+             sweep_section(d["step_time_model"]),
              memory_table(runs, d["device"]),
              components_table(runs, d["component_notes"]), component_legend(d["component_notes"])]
     parts.append(curve_section(d["curve"]))

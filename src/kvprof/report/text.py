@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from rich.console import Group
 from rich.table import Table
+from rich.text import Text
 
 from kvprof.analysis.latency import KINDS
 
@@ -113,29 +114,22 @@ def memory(a) -> Table:
     return table
 
 
-def step_model(a) -> Table:
-    m = a.step_time_model
-    rows = [("steps fitted", num(m.fit.steps))]
-    if m.fit.coefficients is None:
-        return _pairs("Step-time model", rows + [("fit", "too few steps")])
-    c = m.fit.coefficients
-    rows += [("fixed", num(c["fixed_ns"] / 1e3, 1, "µs")),
-             ("per decode request", num(c["per_decode_request_ns"] / 1e3, 2, "µs")),
-             ("per prefill token", num(c["per_prefill_token_ns"] / 1e3, 3, "µs")),
-             ("per context token", num(c["per_context_token_ns"], 2, "ns")),
-             ("R² / RMSE", f"{m.fit.r2:.4f} / {m.fit.rmse_ms:.3f} ms")]
-    if m.check:
-        rows.append((f"check at batch {m.check['batch_size']:.1f}",
-                     f"{m.check['predicted_output_tokens_per_s']:,.1f} predicted vs "
-                     f"{m.check['measured_output_tokens_per_s']:,.1f} measured tok/s"))
-    for p in m.predictions:
-        notes = [n for n, bad in (("beyond KV pool", p.fits_kv is False),
-                                  ("beyond token budget", p.fits_token_budget is False),
-                                  ("extrapolated", p.extrapolated)) if bad]
-        rows.append((f"predicted at batch {p.batch_size:g}",
-                     f"{p.output_tokens_per_s:,.1f} tok/s, {p.step_ms:.2f} ms/step"
-                     + (f" ({', '.join(notes)})" if notes else "")))
-    return _pairs("Step-time model", rows)
+def step_model(a):
+    from kvprof.report.predict_text import costs_table, predictions_table
+    m = a.step_time_model.to_dict()
+    if m["coefficients"] is None:
+        return _pairs("Step-time model", [("steps fitted", num(m["steps"])), ("fit", "too few steps")])
+    parts = [costs_table(m)]
+    if m["check"]:
+        c = m["check"]
+        low, high = c["interval"]
+        parts.append(Text(f"Check at the batch size run ({c['batch_size']}): "
+                          f"{num(c['predicted_output_tokens_per_s'])} tok/s predicted "
+                          f"({low:,.0f}–{high:,.0f}) vs {num(c['measured_output_tokens_per_s'])} measured"))
+    if m["predictions"]:
+        parts.append(predictions_table(m["predictions"], "Predicted at other batch sizes "
+                                                         "(this trace's requests, closed loop)"))
+    return Group(*parts)
 
 
 def render(analysis) -> Group:
