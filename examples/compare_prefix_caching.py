@@ -57,12 +57,16 @@ def main() -> None:
     with open(os.path.join(args.out_dir, "comparison.json"), "w") as f:
         json.dump(clean(comparison.to_dict()), f, indent=1)
     Console().print(render(comparison))
-    hit, ttft = comparison.metric("prefix_hit_rate"), comparison.metric("ttft_mean_ms")
-    print(f"prefix-hit rate {100 * hit.values[0]:.1f} % without caching, {100 * hit.values[1]:.1f} "
-          f"% with; mean TTFT {ttft.values[0]:.1f} ms without, {ttft.values[1]:.1f} ms with "
-          f"({100 * ttft.change[1]['relative']:+.1f} %, "
-          f"{'significant' if ttft.significant[1] else 'within noise'})")
+    hit = comparison.metric("prefix_hit_rate")
+    print(f"prefix-hit rate {100 * hit.values[0]:.1f} % without caching, "
+          f"{100 * hit.values[1]:.1f} % with; " + "; ".join(
+              ttft_change(comparison.metric(f"ttft_{stat}_ms"), stat) for stat in ("mean", "p99")))
 
+
+def ttft_change(metric, stat: str) -> str:
+    verdict = "significant" if metric.significant[1] else "within noise"
+    return (f"TTFT {stat} {metric.values[0]:,.1f} ms without, {metric.values[1]:,.1f} ms with "
+            f"({100 * metric.change[1]['relative']:+.1f} %, {verdict})")
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,12 @@
 """``examples/compare_prefix_caching.py`` on the real engine: prefix caching off, then on,
 over the same workload, compared. The measures are checked against the traces' own
-tables read with pyarrow, apart from kvprof's analysis code."""
+tables read with pyarrow, apart from kvprof's analysis code.
+
+What caching saves is checked exactly: the prefill tokens it did not compute. The sign
+of the TTFT change is not asserted: it is a speed, and speeds on a shared 2-core
+machine swing by more than the saving (and with caching on the scheduler admits more
+requests into the first steps, which can delay the first ones while the last ones gain).
+The test checks that the reported TTFT values, change and verdict are the traces'."""
 from __future__ import annotations
 
 import json
@@ -46,13 +52,22 @@ def test_prefix_caching_on_and_off(tmp_path):
     assert pc.sum(on["steps"]["prefix_hit_tokens"]).as_py() > 0
     assert pc.sum(off["steps"]["prefix_hit_tokens"]).as_py() == 0
 
+    # every prompt token is either computed as prefill or served from the cache
+    prefill_off, prefill_on = (pc.sum(t["steps"]["prefill_tokens"]).as_py() for t in (off, on))
+    cached_on = pc.sum(on["requests"]["cached_prompt_tokens"]).as_py()
+    assert cached_on > 0 and prefill_off - prefill_on == cached_on
+
     ttft = metrics["ttft_mean_ms"]
-    assert ttft["values"] == pytest.approx([mean_ttft_ms(off), mean_ttft_ms(on)])
-    assert ttft["change"][1]["absolute"] < 0, ttft      # less prefill to do before the first token
+    expected = [mean_ttft_ms(off), mean_ttft_ms(on)]
+    assert ttft["values"] == pytest.approx(expected)
+    assert ttft["change"][1]["relative"] == pytest.approx(expected[1] / expected[0] - 1)
+    low, high = ttft["interval"][1]
+    assert low <= high and ttft["significant"][1] == (low > 0 or high < 0)
 
     assert report["config_differences"] == [{"key": "engine.prefix_caching", "values": [False, True]}]
     assert report["warnings"] == []                      # one workload, both runs complete
     assert off["requests"].num_rows == on["requests"].num_rows == 64
     line = proc.stdout.strip().splitlines()[-1]
-    assert line.startswith(f"prefix-hit rate 0.0 % without caching, {100 * hit_rate(on):.1f} % with")
+    assert line.startswith(f"prefix-hit rate 0.0 % without caching, {100 * hit_rate(on):.1f} % with; "
+                           f"TTFT mean {expected[0]:,.1f} ms without")
     print(line)
