@@ -89,13 +89,16 @@ def _docs_llm(**kwargs):
     return make_llm(enforce_eager=True, **kwargs)
 
 
-def prelude() -> dict:
-    """Names a block may use without defining them: the reader's prompts and params, on
-    the embedded workload, and the engine stand-in."""
-    from kvprof.models.workload import make_workload
-    workload = make_workload(8, max_tokens=8, length_scale=0.15)
-    return {"__name__": "__main__", "prompts": workload.prompts(),
-            "params": workload.sampling_params(), "_docs_llm": _docs_llm}
+def provide_names(code: str, namespace: dict) -> None:
+    """Names a block may use without defining them: the reader's ``prompts`` and
+    ``params`` (a small embedded workload), made only for a block that names them (they
+    import vLLM), and the engine stand-in."""
+    namespace.setdefault("__name__", "__main__")
+    namespace.setdefault("_docs_llm", _docs_llm)
+    if re.search(r"\b(prompts|params)\b", code) and "prompts" not in namespace:
+        from kvprof.models.workload import make_workload
+        workload = make_workload(8, max_tokens=8, length_scale=0.15)
+        namespace.update(prompts=workload.prompts(), params=workload.sampling_params())
 
 
 def run_shell(block: Block, shared_trace: str | None) -> None:
@@ -116,7 +119,7 @@ def _provide_trace(shared_trace: str | None) -> None:
 
 
 def run_page(page: Path, shared_trace: str | None) -> list[dict]:
-    namespace = prelude()
+    namespace: dict = {}
     results = []
     for block in blocks(page):
         if block.kind not in ("python", "shell"):
@@ -126,6 +129,7 @@ def run_page(page: Path, shared_trace: str | None) -> list[dict]:
             if block.kind == "python":
                 if "kvprof.trace(" not in block.code:     # a block that reads the reader's trace
                     _provide_trace(shared_trace)
+                provide_names(block.code, namespace)
                 exec(compile(prepared(block.code), block.where, "exec"), namespace)
             else:
                 run_shell(block, shared_trace)

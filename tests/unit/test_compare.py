@@ -213,6 +213,7 @@ def test_cli_on_sweep_folders_uses_their_rounds(tmp_path, capsys):
 @pytest.mark.parametrize("argv, fragment", [
     (["compare", str(GOLDEN)], "at least two"),
     (["compare", str(GOLDEN), str(GOLDEN), "--labels", "x"], "--labels"),
+    (["compare", str(GOLDEN), str(GOLDEN), "--resamples", "0"], "--resamples"),
     (["compare", str(GOLDEN), "/nonexistent.arrow"], "nonexistent"),
     (["compare", str(GOLDEN), str(GOLDEN), "--html", "/nonexistent/x.html"], "cannot write"),
 ])

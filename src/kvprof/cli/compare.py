@@ -36,6 +36,8 @@ class CompareCommand:
 
         if len(args.paths) < 2:
             raise UsageError("compare needs at least two traces or sweep folders")
+        if args.resamples is not None and args.resamples < 20:
+            raise UsageError(f"--resamples {args.resamples}: at least 20 are needed for a 95 % interval")
         load_kernels()
         runs, notes = load_runs(args.paths, labels(args.labels, args.paths), args.batch_size)
         comparison = compare(runs, seed=args.seed, resamples=args.resamples or RESAMPLES)
