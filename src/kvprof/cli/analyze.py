@@ -101,7 +101,11 @@ def read_while_loading_kernels(path: str):
 
 def write_html(analysis, out: str) -> None:
     from kvprof.report.html import render
-    page = render(analysis)
+    write_text(out, render(analysis))
+
+
+def write_text(out: str, page: str) -> None:
+    """Write a report; a folder that is not there or not writable is one line, exit code 2."""
     try:
         with open(out, "w", encoding="utf-8") as f:
             f.write(page)
