@@ -91,16 +91,18 @@ class WorkerRecorder:
         if pushed:
             self.collector.pop()
         rows = self.rows
+        end = None
         if start is not None:
             end = self.event_cls(enable_timing=True)
             end.record()
-            self.pending.append((len(rows), start, end))
-            self._resolve_events()
         if len(rows) % self.rss_every == 0:
             self.rss_value = self.rss.read()
         gpu = self.gpu.read()
         rows.append((step, self.rank, t0, t1, None, self.rss_value, before_cost + _now() - t1, *gpu,
                      *NO_SUMS))
+        if end is not None:   # after the row exists: an event that completed at once resolves into it
+            self.pending.append((len(rows) - 1, start, end))
+            self._resolve_events()
         if idle_next or t1 - self.last_flush_ns >= self.flush_interval_ns:
             self.flush()
 

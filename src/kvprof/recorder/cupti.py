@@ -10,6 +10,7 @@ or starts later (CUPTI has one activity client per process).
 from __future__ import annotations
 
 import glob
+import importlib
 import os
 import sys
 
@@ -31,8 +32,7 @@ def _warn_once(message: str) -> None:
 def native_module():
     """The compiled module, or the reason it is not there."""
     try:
-        from kvprof import _cupti
-        return _cupti, None
+        return importlib.import_module("kvprof._cupti"), None
     except ImportError as exc:
         return None, f"native collector not built ({exc}); run scripts/setup.sh"
 
