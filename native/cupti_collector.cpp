@@ -264,6 +264,16 @@ bool other_subscriber() {
 void start(size_t buffer_bytes, uint32_t flush_period_ms) {
   if (!api.handle) throw std::runtime_error("libcupti is not loaded");
   if (state.running) return;
+  {   // a new session (a second trace in this process): nothing carried over but the names,
+      // which the next take() sends again from the first
+    std::lock_guard<std::mutex> lock(state.mu);
+    state.steps_of.clear();
+    state.sums.clear();
+    state.loose.clear();
+    state.outside = Sum();
+    state.records = state.buffers = state.dropped = 0;
+    state.names_taken = 0;
+  }
   state.buffer_bytes = buffer_bytes;
   check(api.registerCallbacks(buffer_requested, buffer_completed), "cuptiActivityRegisterCallbacks");
   size_t enabled = 0;
