@@ -16,8 +16,8 @@ around each forward (inside kvprof's), the torch allocator's counters and NVML r
 after the wrapped call returns, nvidia-smi every ``SMI_EVERY`` steps, the wrapped
 call's wall time minus the worker's own, and synchronisations (torch's sync debug
 mode set to "error" everywhere but the workload's own copy, and counted calls of
-the synchronize functions). ``run()`` returns all of it; ``checks.py``-style
-verdicts are in ``tests/gpu`` and ``scripts/gpu-check.sh``.
+the synchronize functions). ``run()`` returns all of it and ``summarize()`` the
+figures; the verdicts are tests/gpu's, the record benchmarks/gpu_report.py's.
 """
 from __future__ import annotations
 
@@ -319,7 +319,7 @@ def profiler_kernels(profiler, steps: int) -> dict:
         if kind == "CPU" and event.name.startswith(("harness_fwd_", "harness_smp_")):
             _, part, step = event.name.split("_")
             ranges.append((event.time_range.start, event.time_range.end, part, int(step)))
-        elif kind == "CUDA":
+        elif kind == "CUDA" and not event.name.startswith("harness_"):   # not the ranges' GPU echo
             ns = int(round((event.time_range.end - event.time_range.start) * 1000))
             device.append((event.time_range.start, profiler_name(event.name), ns))
     ranges.sort()

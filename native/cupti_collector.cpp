@@ -60,8 +60,12 @@ static_assert(offsetof(CUpti_ActivityExternalCorrelation, externalKind) == kExtK
               "external correlation fields");
 
 constexpr CUpti_ExternalCorrelationKind kExternalKind = CUPTI_EXTERNAL_CORRELATION_KIND_CUSTOM0;
+// CUPTI writes an external correlation record only beside a runtime or driver API record
+// (cupti_activity.h, cuptiActivityPushExternalCorrelationId), so those two kinds are on
+// too; their records are only counted. cuBLAS and Triton launch through the driver API.
 const CUpti_ActivityKind kKinds[] = {CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL, CUPTI_ACTIVITY_KIND_MEMCPY,
-                                     CUPTI_ACTIVITY_KIND_MEMSET, CUPTI_ACTIVITY_KIND_EXTERNAL_CORRELATION};
+                                     CUPTI_ACTIVITY_KIND_MEMSET, CUPTI_ACTIVITY_KIND_EXTERNAL_CORRELATION,
+                                     CUPTI_ACTIVITY_KIND_RUNTIME, CUPTI_ACTIVITY_KIND_DRIVER};
 
 template <typename T>
 T field(const uint8_t* record, size_t offset) {

@@ -60,6 +60,7 @@ class WorkerRecorder:
         self.rss_value = self.rss.read()
         self.gpu = GpuReader()
         self.pending: list[tuple] = []   # (row index, start event, end event)
+        self.last_step = -1              # of the last forward: a separate sample_tokens belongs to it
         self.flush_interval_ns = int(float(options.get("flush_interval_s", 1.0)) * 1e9)
         self.last_flush_ns = _now()
         self.closed = False
@@ -88,6 +89,7 @@ class WorkerRecorder:
     def after_forward(self, token: tuple) -> None:
         step, t0, start, before_cost, idle_next, pushed = token
         t1 = _now()
+        self.last_step = step
         if pushed:
             self.collector.pop()
         rows = self.rows
@@ -108,7 +110,7 @@ class WorkerRecorder:
 
     def before_sample(self) -> bool:
         """Sampling as a separate call: its launches belong to the last forward's step."""
-        return bool(len(self.rows)) and self._push(self.rows.rows[-1][0])
+        return self._push(self.last_step)
 
     def after_sample(self, pushed: bool = False) -> None:
         """Sampling ran as a separate call: the step's forward ends now."""
