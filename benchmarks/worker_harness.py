@@ -80,10 +80,16 @@ class Model:
 class SchedulerOutput:
     """What the worker hook reads of vLLM's SchedulerOutput (the EngineCore hook sets kvprof_step)."""
 
-    def __init__(self, step: int, batch: int, seq: int):
+    def __init__(self, step: int, batch: int, seq: int, ids=None):
         self.kvprof_step = step
         self.batch, self.seq = batch, seq
         self.total_num_scheduled_tokens = batch * seq
+        self.ids = ids   # the step's input token ids, prepared on the host (pinned on CUDA)
+
+
+def input_ids(torch, vocab: int, step: int, batch: int, seq: int, cuda: bool):
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(step))
+    return ids.pin_memory() if cuda else ids
 
 
 class ModelRunner:
@@ -104,16 +110,14 @@ class Worker:
     def execute_model(self, so: SchedulerOutput):
         t = time.perf_counter_ns()
         torch = self.torch
-        ids = torch.randint(0, self.model_runner.model.vocab, (so.batch, so.seq),
-                            generator=torch.Generator().manual_seed(so.kvprof_step))
-        if self.cuda:
+        if self.cuda:   # the independent events: first and last thing of the worker's own call
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            self.hidden = self.model_runner.model.forward(ids.pin_memory().to("cuda", non_blocking=True))
+            self.hidden = self.model_runner.model.forward(so.ids.to("cuda", non_blocking=True))
             end.record()
             self.inner.append((so.kvprof_step, start, end))
         else:
-            self.hidden = self.model_runner.model.forward(ids)
+            self.hidden = self.model_runner.model.forward(so.ids)
         self.inner_wall_ns = time.perf_counter_ns() - t
         return None
 
@@ -242,7 +246,7 @@ def run(device: str = "cuda", steps: int = 120, collector: bool = True, profile:
     readings = Readings(torch) if cuda else None
     if cuda:   # warm the workload (cuBLAS handles, allocator) before tracing, as a served model is
         for batch, seq in shapes:
-            wrapper.execute_model(SchedulerOutput(0, batch, seq))
+            wrapper.execute_model(SchedulerOutput(0, batch, seq, input_ids(torch, model.vocab, 0, batch, seq, cuda)))
             wrapper.sample_tokens(None)
         worker.inner.clear()
         torch.cuda.synchronize()
@@ -261,7 +265,7 @@ def run(device: str = "cuda", steps: int = 120, collector: bool = True, profile:
         with counter:
             for step in range(steps):
                 batch, seq = shapes[step % len(shapes)]
-                so = SchedulerOutput(step, batch, seq)
+                so = SchedulerOutput(step, batch, seq, input_ids(torch, model.vocab, step, batch, seq, cuda))
                 mono_start = time.monotonic_ns()
                 with _range(torch, profile, f"harness_fwd_{step}"):
                     t0 = time.perf_counter_ns()

@@ -197,7 +197,7 @@ def test_sums_reach_their_steps_rows_and_late_records_are_counted(tmp_path, monk
     wrapper = harness.wrapper_class()(harness.Worker(torch, "cpu", model))
     wrapper.kvprof_worker_start(path, {"flush_interval_s": 3600})
     for step in range(3):
-        wrapper.execute_model(harness.SchedulerOutput(step, 1, 4))
+        wrapper.execute_model(harness.SchedulerOutput(step, 1, 4, harness.input_ids(torch, 64, step, 1, 4, False)))
         wrapper.sample_tokens(None)
         if step == 1:
             ProcessState.worker_recorder.flush()     # steps 0 and 1 are written here
