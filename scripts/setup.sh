@@ -20,9 +20,15 @@ WANT="$FLAVOUR $(cat setup.cfg scripts/setup.sh | sha256sum | cut -c1-16)"
 # Incremental (cmake --build does nothing when the module is up to date); a failed build
 # fails setup, and with it `make test`.
 build_native() {
+  local py
+  py="$(cd "$VENV/bin" && pwd)/python $("$VENV/bin/python" -c 'import sys; print(sys.version.split()[0])')"
+  if [ "$(cat build/native/.python 2>/dev/null)" != "$py" ]; then   # a new venv or Python: configure again
+    rm -rf build/native
+  fi
   if [ ! -f build/native/CMakeCache.txt ]; then
     cmake -S . -B build/native -DPython_EXECUTABLE="$(cd "$VENV/bin" && pwd)/python" >build/native.log 2>&1 \
       || { cat build/native.log >&2; echo "kvprof setup: configuring the native collector failed" >&2; exit 1; }
+    echo "$py" > build/native/.python
   fi
   cmake --build build/native >>build/native.log 2>&1 \
     || { cat build/native.log >&2; echo "kvprof setup: building the native collector failed" >&2; exit 1; }
