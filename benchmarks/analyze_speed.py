@@ -203,7 +203,8 @@ def build_trace(path: str, n_rows: int, n_slots: int = 64, seed: int = 0) -> dic
                "t_end_ns": steps["t_update_start_ns"], "device_ns": None,
                "rss_bytes": 2 * 2**30 + 4096 * steps["step"], "hook_ns": 20_000,
                "gpu_used_bytes": None, "torch_allocated_bytes": None, "torch_reserved_bytes": None,
-               "torch_peak_bytes": None}
+               "torch_peak_bytes": None, "dev_gemm_ns": None, "dev_attention_ns": None,
+               "dev_comm_ns": None, "dev_memcpy_ns": None, "dev_other_ns": None, "dev_records": None}
     counts = {"steps": n_steps, "request_steps": rows["step"].size,
               "requests": requests["req"].size, "forward": n_steps}
     write_trace(path, {"steps": steps, "request_steps": rows, "requests": requests,

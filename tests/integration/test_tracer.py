@@ -158,6 +158,20 @@ def test_forward_rows_join_steps(run):
     assert (fw.rss_bytes > 0).all()
 
 
+def test_cupti_collector_stays_off_on_the_cpu_backend_and_says_why(run):
+    """The real worker process has no CUDA: the collector's columns are null, its status is
+    in the worker's metadata (one reason), and ``kvprof info`` prints it."""
+    from kvprof.cli.info import collector_status, render_collector
+    from kvprof.format import schema as S
+    trace = run["trace"]
+    forward = trace["forward"]
+    for column in S.ADDED_COLUMNS["forward"]:
+        assert forward.column(column).null_count == forward.num_rows, column
+    assert [w["collector"] for w in trace.run["workers"]] == [
+        {"active": False, "reason": "no CUDA device initialised in this worker"}]
+    assert render_collector(collector_status(trace)) == "inactive: no CUDA device initialised in this worker"
+
+
 def test_injected_fault_leaves_engine_results_intact(engine, run, tmp_path):
     path = tmp_path / "fault.arrow"
     with kvprof.trace(engine, path, _fault_point="Scheduler.update_from_output") as handle:

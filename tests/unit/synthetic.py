@@ -250,11 +250,13 @@ def run_metadata(engine: Engine) -> dict:
 
 
 def write(path: str, sim: Simulation, batch_rows: int = 7, forward: bool = True,
-          worker: dict | None = None, gpu=None) -> None:
+          worker: dict | None = None, gpu=None, device=None) -> None:
     """The simulation's tables through TraceSession, in small batches (state across batches).
 
     ``worker``: the worker's run metadata (weights, RSS at start, cuda); ``gpu``: a
-    function of the step number giving (nvml used, allocated, reserved, peak) bytes.
+    function of the step number giving (nvml used, allocated, reserved, peak) bytes;
+    ``device``: one giving the CUPTI collector's (gemm, attention, comm, memcpy, other
+    ns, records) of the step.
     """
     prepare_target(path, overwrite=True)
     parts = parts_dir(path)
@@ -272,7 +274,8 @@ def write(path: str, sim: Simulation, batch_rows: int = 7, forward: bool = True,
                                {**run, "worker": worker or {}}, max_pending=100_000)
         _submit(session, "forward", [(s["step"], 0, s["t_schedule_end_ns"], s["t_update_start_ns"],
                                       None, worker_rss(s["step"]), 500,
-                                      *(gpu(s["step"]) if gpu else (None,) * 4))
+                                      *(gpu(s["step"]) if gpu else (None,) * 4),
+                                      *(device(s["step"]) if device else (None,) * 6))
                                      for s in sim.steps], batch_rows)
         session.close()
 

@@ -92,8 +92,8 @@ def test_extend_through_column_attributes():
 
 @pytest.mark.parametrize("kind", ["columns", "rows"])
 def test_nullable_columns_accept_none(kind):
-    rows = [(0, 0, 100, 200, None, 1 << 30, 5, None, None, None, None),
-            (1, 0, 300, 400, 90, 1 << 30, 5, 2 << 30, 10, 20, 30)]
+    rows = [(0, 0, 100, 200, None, 1 << 30, 5, None, None, None, None, *(None,) * 6),
+            (1, 0, 300, 400, 90, 1 << 30, 5, 2 << 30, 10, 20, 30, 40, 30, 0, 5, 15, 12)]
     if kind == "columns":
         buf = ColumnBuffer("forward", S.FORWARD)
         for row in rows:
@@ -107,6 +107,8 @@ def test_nullable_columns_accept_none(kind):
     assert batch.column("device_ns").to_pylist() == [None, 90]
     assert batch.column("torch_peak_bytes").to_pylist() == [None, 30]
     assert batch.column("device_ns").null_count == 1
+    assert batch.column("dev_gemm_ns").to_pylist() == [None, 40]
+    assert batch.column("dev_records").to_pylist() == [None, 12]
 
 
 def test_take_hands_over_the_rows_and_leaves_empty_columns():
@@ -260,7 +262,7 @@ def test_open_stream_is_readable_before_any_batch_and_before_close(tmp_path):
         warnings: list[str] = []
         table, meta = read_stream(path, "steps", warnings)
         assert table.num_rows == 0 and warnings == []
-        assert meta[S.META_FORMAT] == b"1.0"
+        assert meta[S.META_FORMAT] == S.FORMAT_VERSION.encode()
         assert meta[S.META_TABLE] == b"steps"
         assert meta[S.META_RUN] == b'{"a": 1}'
         streams.write("steps", steps_rows(3)())
@@ -290,7 +292,7 @@ os.kill(os.getpid(), signal.SIGKILL)
     assert proc.returncode == -9, proc.stderr.decode()
     trace = read_trace(path)
     assert trace["steps"].column("step").to_pylist() == [0, 1, 2, 3]
-    assert trace.format_version == "1.0"
+    assert trace.format_version == S.FORMAT_VERSION
     assert not trace.complete
     assert any("no end record" in w for w in trace.warnings)
 

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from kvprof.analysis.batch import Batch, batch
+from kvprof.analysis.device import DeviceTime, device_time
 from kvprof.analysis.kv import KV, kv
 from kvprof.analysis.latency import KINDS, Latency, latency
 from kvprof.analysis.memory import Memory, memory
@@ -55,6 +56,7 @@ class Analysis:
     kv: KV
     memory: Memory
     step_time_model: StepModel
+    device_time: DeviceTime
     timeline: pa.Table = field(repr=False)      # one row per selected step, for plots
     all_request_ids: pa.ChunkedArray = field(repr=False)   # requests.request_id, every row
     finished_rows: np.ndarray = field(repr=False)          # rows of requests in latency stats
@@ -82,7 +84,8 @@ class Analysis:
             "tokens": self.tokens.to_dict(), "throughput": self.throughput.to_dict(),
             "latency_ms": self.latency.to_dict(), "batch": self.batch.to_dict(),
             "kv": self.kv.to_dict(), "memory_bytes": self.memory.to_dict(),
-            "step_time_model": self.step_time_model.to_dict(), "warnings": list(self.warnings),
+            "step_time_model": self.step_time_model.to_dict(),
+            "device_time": self.device_time.to_dict(), "warnings": list(self.warnings),
         }
 
 
@@ -323,6 +326,7 @@ def _assemble(trace, window, predict, sel: Selection, requests, chosen, rp: Repl
     done = {name: col[chosen] for name, col in requests.items()}
     kv_result = kv(st, run_kv, tokens.input, tokens.cached_input, int(rp.recomputed[mask].sum()))
     batch_result = batch(st, engine)
+    forward = _columns(trace["forward"])
     seen, n_done = int(rp.req_seen.sum()), int(chosen.sum())
     return Analysis(
         path=trace.path, format_version=trace.format_version, window_s=_window_bounds(window),
@@ -331,9 +335,10 @@ def _assemble(trace, window, predict, sel: Selection, requests, chosen, rp: Repl
         throughput=throughput(tokens, n_done, sel.duration_s, sel.span_ns, sel.origin_ns,
                               _events(sel, rp, requests, admitted, chosen)),
         latency=latency(done, rp.itl_values_ns, rp.itl_counts), batch=batch_result, kv=kv_result,
-        memory=memory(st, _columns(trace["forward"]), run_kv.get("bytes_per_block"), sel.step_range),
+        memory=memory(st, forward, run_kv.get("bytes_per_block"), sel.step_range),
         step_time_model=_step_model(sel, rp, done, predict, kv_result, engine, batch_result,
                                     tokens.output / sel.duration_s if sel.duration_s else 0.0),
+        device_time=device_time(forward, sel.step_range),
         timeline=_timeline(sel, rp), all_request_ids=trace["requests"].column("request_id"),
         finished_rows=chosen, run=trace.run, warnings=list(trace.warnings))
 

@@ -43,6 +43,7 @@ def describe(trace) -> dict:
         "engine": run.get("engine", {}),
         "tables": {name: table.num_rows for name, table in trace.tables.items()},
         "duration_s": round(span, 6),
+        "collector": collector_status(trace),
         "complete": trace.complete,
         "rows_dropped": trace.rows_dropped,
         "warnings": trace.warnings,
@@ -62,9 +63,39 @@ def render(info: dict) -> str:
         f"max_num_batched_tokens={engine.get('max_num_batched_tokens')} "
         f"prefix_caching={engine.get('prefix_caching')}",
         f"time span    {info['duration_s']:.3f} s",
+        f"collector    {render_collector(info['collector'])}",
         "tables       " + ", ".join(f"{k}={v}" for k, v in info["tables"].items()),
         f"complete     {info['complete']}"
         + (f" (dropped rows: {info['rows_dropped']})" if info["rows_dropped"] else ""),
     ]
     lines += [f"warning      {w}" for w in info["warnings"]]
     return "\n".join(lines)
+
+
+def collector_status(trace) -> list[dict]:
+    """Per worker: whether the CUPTI collector ran (its status at start, its counters at the end)."""
+    out = []
+    for worker in trace.run.get("workers", []):
+        status = worker.get("collector")
+        rank = worker.get("rank")
+        end = trace.end_records.get(f"worker-{rank}", {}).get("collector")
+        entry = {"rank": rank, **(status if isinstance(status, dict) else {"active": None})}
+        if isinstance(end, dict):
+            entry["end"] = end
+        out.append(entry)
+    return out
+
+
+def render_collector(workers: list[dict]) -> str:
+    if not workers:
+        return "no worker recorded"
+    if all(w.get("active") is None for w in workers):
+        return "not recorded (a trace written before format 1.1)"
+    active = [w for w in workers if w.get("active")]
+    if not active:
+        reasons = sorted({str(w.get("reason")) for w in workers})
+        return "inactive: " + "; ".join(reasons)
+    gave_way = sorted({w["end"]["gave_way"] for w in active if (w.get("end") or {}).get("gave_way")})
+    libraries = sorted({str(w.get("library")) for w in active})
+    text = f"active on {len(active)} of {len(workers)} worker(s) ({', '.join(libraries)})"
+    return text + (f"; {'; '.join(gave_way)}" if gave_way else "")

@@ -229,6 +229,9 @@ def conform(tbl: pa.Table, table: str, path: str) -> pa.Table:
     columns = []
     for f in S.TABLES[table]:
         if f.name not in tbl.column_names:
+            if f.name in S.ADDED_COLUMNS.get(table, {}):   # an older minor version: null
+                columns.append(pa.nulls(tbl.num_rows, f.type))
+                continue
             raise TraceFormatError(f"{path}: column {table}.{f.name} is missing")
         col = tbl.column(f.name)
         if col.type != f.type:

@@ -8,15 +8,16 @@ complete record batch; the format version sits in each stream's *schema*
 metadata, which is written first and so survives a crash.
 
 Minor versions only add columns: a reader ignores columns it does not know, and
-gives a default to a column that an older minor version lacked (none yet: 1.0 is
-the first). A new major version means a reader of an older major refuses the file.
+gives a default to a column that an older minor version lacked (``ADDED_COLUMNS``:
+null). A new major version means a reader of an older major refuses the file.
+1.1 added the CUPTI collector's per-category device times to ``forward``.
 """
 from __future__ import annotations
 
 import pyarrow as pa
 
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 0
+FORMAT_MINOR = 1
 FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
 
 META_FORMAT = b"kvprof.format_version"
@@ -141,6 +142,14 @@ FORWARD = [
     pa.field("torch_allocated_bytes", _i64, nullable=True),
     pa.field("torch_reserved_bytes", _i64, nullable=True),
     pa.field("torch_peak_bytes", _i64, nullable=True),
+    # 1.1: the CUPTI collector's device time of the step's kernels by category (rules:
+    # kvprof.recorder.kernels); null where the collector did not run or saw no record.
+    pa.field("dev_gemm_ns", _i64, nullable=True),
+    pa.field("dev_attention_ns", _i64, nullable=True),
+    pa.field("dev_comm_ns", _i64, nullable=True),     # NCCL and custom all-reduce
+    pa.field("dev_memcpy_ns", _i64, nullable=True),   # memcpy and memset records
+    pa.field("dev_other_ns", _i64, nullable=True),    # sampling, elementwise, the rest
+    pa.field("dev_records", _i32, nullable=True),     # kernel + memcpy + memset records summed
 ]
 
 TABLES: dict[str, list[pa.Field]] = {
@@ -151,6 +160,13 @@ TABLES: dict[str, list[pa.Field]] = {
     "preemptions": PREEMPTIONS,
     "prompts": PROMPTS,
     "forward": FORWARD,
+}
+
+# Columns a minor version added, by table, with the version that added them: a file
+# written before has them null.
+ADDED_COLUMNS: dict[str, dict[str, str]] = {
+    "forward": {name: "1.1" for name in ("dev_gemm_ns", "dev_attention_ns", "dev_comm_ns",
+                                         "dev_memcpy_ns", "dev_other_ns", "dev_records")},
 }
 
 # Tables in the parts folder; "forward" has one file per worker rank.

@@ -28,7 +28,7 @@ class Options:
 
     def __init__(self, detail: str = "blocks", flush_interval_s: float = 1.0,
                  flush_rows: int = 65536, rss_every: int = 16, record_prompts: bool = False,
-                 fault_point: str | None = None):
+                 fault_point: str | None = None, collector: bool = True):
         if detail not in ("steps", "blocks"):
             raise ValueError("detail must be 'steps' or 'blocks'")
         self.detail = detail
@@ -37,11 +37,13 @@ class Options:
         self.rss_every = max(1, rss_every)
         self.record_prompts = record_prompts
         self.fault_point = fault_point   # tests: make this hook raise (see hooks.state)
+        self.collector = collector       # the CUPTI collector, where CUDA is (recorder.cupti)
 
     def to_dict(self) -> dict:
         return {"detail": self.detail, "flush_interval_s": self.flush_interval_ns / 1e9,
                 "flush_rows": self.flush_rows, "rss_every": self.rss_every,
-                "record_prompts": self.record_prompts, "fault_point": self.fault_point}
+                "record_prompts": self.record_prompts, "fault_point": self.fault_point,
+                "collector": self.collector}
 
 
 class EngineRecorder:

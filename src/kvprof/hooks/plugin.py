@@ -338,6 +338,12 @@ def _wrap_forward(WorkerWrapperBase) -> None:
         return result
 
     def sample_tokens(self, *args, **kwargs):
+        rec, pushed = _worker_recorder(), False
+        if rec is not None:
+            try:
+                pushed = rec.before_sample()
+            except Exception as exc:
+                _fail_worker("WorkerWrapperBase.sample_tokens", exc)
         result = self.worker.sample_tokens(*args, **kwargs)
         rec = _worker_recorder()
         if rec is not None:
@@ -345,7 +351,7 @@ def _wrap_forward(WorkerWrapperBase) -> None:
                 if state.FAULT_POINT == "WorkerWrapperBase.sample_tokens" \
                         and state.fault_now("WorkerWrapperBase.sample_tokens"):
                     raise state.InjectedFault("WorkerWrapperBase.sample_tokens")
-                rec.after_sample()
+                rec.after_sample(pushed)
             except Exception as exc:
                 _fail_worker("WorkerWrapperBase.sample_tokens", exc)
         return result

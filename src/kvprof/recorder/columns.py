@@ -34,9 +34,13 @@ class RowBuffer:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def take(self):
-        """(builder, row count) for the writer thread; the buffer starts empty again."""
-        rows, self.rows = self.rows, []
+    def take(self, upto: int | None = None):
+        """(builder, row count) of the first ``upto`` rows (all by default) for the writer
+        thread; the rest stay buffered."""
+        if upto is None or upto >= len(self.rows):
+            rows, self.rows = self.rows, []
+        else:
+            rows, self.rows = self.rows[:upto], self.rows[upto:]
         self.append = self.rows.append
         return functools.partial(rows_to_batch, self.fields, rows), len(rows)
 

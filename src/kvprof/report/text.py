@@ -132,7 +132,26 @@ def step_model(a):
     return Group(*parts)
 
 
+def device(a) -> Table | None:
+    """GPU time by kernel category (the CUPTI collector), over the run and per step."""
+    d = a.device_time
+    if not d.steps:
+        return None
+    table = Table(title=f"GPU time by category (CUPTI, {d.steps:,} steps, {d.records:,} records)",
+                  title_justify="left")
+    for column in ("category", "total ms", "share", "per step mean ms", "p50", "p90", "max"):
+        table.add_column(column, justify="left" if column == "category" else "right")
+    for name, total in d.total_ns.items():
+        s = d.per_step_ns[name]
+        table.add_row(name, num(total / 1e6, 2), pct(d.share[name]),
+                      *(num(v / 1e6, 3) for v in (s.mean, s.p50, s.p90, s.max)))
+    if d.kernel_share_of_device_time is not None:
+        table.caption = f"kernel time / CUDA-event device time: {pct(d.kernel_share_of_device_time)}"
+    return table
+
+
 def render(analysis) -> Group:
-    """All tables, in reading order."""
-    return Group(*(part(analysis) for part in
-                   (overview, throughput, latency, batch, kv, memory, step_model)))
+    """All tables, in reading order (the GPU breakdown only where the collector ran)."""
+    parts = (part(analysis) for part in
+             (overview, throughput, latency, batch, kv, memory, device, step_model))
+    return Group(*(p for p in parts if p is not None))
