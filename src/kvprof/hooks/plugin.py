@@ -174,7 +174,7 @@ def start_engine_recorder(scheduler, path: str, options: dict, executor=None) ->
     state.set_fault_point(opts.fault_point or os.environ.get("KVPROF_FAULT"))
     run = run_metadata(scheduler, opts)
     dp_rank, dp_size = data_parallel_rank(scheduler)
-    if dp_size > 1:   # every replica's EngineCore writes a trace of its own
+    if dp_rank is not None:   # every replica's EngineCore writes a trace of its own
         path = replica_path(path, dp_rank)
         run["data_parallel"] = {"rank": dp_rank, "size": dp_size}
     prepare_target(path, overwrite)     # a second time after the front end's: idempotent
@@ -201,11 +201,22 @@ def start_engine_recorder(scheduler, path: str, options: dict, executor=None) ->
 _exit_hook_registered = False
 
 
-def data_parallel_rank(scheduler) -> tuple[int, int]:
-    """(rank, size) of this EngineCore among data-parallel replicas; (0, 1) without DP."""
+def data_parallel_rank(scheduler) -> tuple[int | None, int | None]:
+    """(rank, size) of this EngineCore among data-parallel replicas; (None, None) without DP.
+
+    vLLM reconfigures each replica of a dense model as an independent engine of
+    ``data_parallel_size`` 1, keeping its rank in ``data_parallel_index``; the process
+    is named ``EngineCore_DP<rank>`` either way. The size is then unknown (None)."""
+    import multiprocessing
     parallel = scheduler.vllm_config.parallel_config
-    return int(getattr(parallel, "data_parallel_rank", 0) or 0), \
-        int(getattr(parallel, "data_parallel_size", 1) or 1)
+    size = int(getattr(parallel, "data_parallel_size", 1) or 1)
+    named_dp = multiprocessing.current_process().name.startswith("EngineCore_DP")
+    if size <= 1 and not named_dp:
+        return None, None
+    rank = getattr(parallel, "data_parallel_index", None)
+    if rank is None:
+        rank = getattr(parallel, "data_parallel_rank", 0)
+    return int(rank or 0), (size if size > 1 else None)
 
 
 def _close_at_exit() -> None:
