@@ -18,6 +18,7 @@ import pytest
 
 from kvprof.cli.main import main
 from kvprof.errors import NewerFormatError, TraceFormatError
+from kvprof.format import schema as S
 from kvprof.format.reader import read_trace
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden-1.0" / "trace.arrow"
@@ -171,7 +172,7 @@ def test_bad_main_file_is_refused_in_one_line(case, tmp_path, parts, capsys):
 
 def test_newer_major_format_is_refused_naming_the_version(tmp_path, parts, capsys):
     path = place(tmp_path, steps_with_meta(format_version=b"2.0"), parts)
-    assert_refused(path, "written by kvprof format 2.0, newer than this reader (1.0); "
+    assert_refused(path, f"written by kvprof format 2.0, newer than this reader ({S.FORMAT_VERSION}); "
                    "upgrade kvprof to read it", capsys, kind=NewerFormatError)
 
 

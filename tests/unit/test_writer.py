@@ -230,7 +230,7 @@ def test_open_stream_is_readable_before_any_batch_and_before_close(tmp_path):
         warnings: list[str] = []
         table, meta = read_stream(path, "steps", warnings)
         assert table.num_rows == 0 and warnings == []
-        assert meta[S.META_FORMAT] == b"1.0"
+        assert meta[S.META_FORMAT] == S.FORMAT_VERSION.encode()
         assert meta[S.META_TABLE] == b"steps"
         assert meta[S.META_RUN] == b'{"a": 1}'
         streams.write("steps", steps_rows(3)())
@@ -260,7 +260,7 @@ os.kill(os.getpid(), signal.SIGKILL)
     assert proc.returncode == -9, proc.stderr.decode()
     trace = read_trace(path)
     assert trace["steps"].column("step").to_pylist() == [0, 1, 2, 3]
-    assert trace.format_version == "1.0"
+    assert trace.format_version == S.FORMAT_VERSION
     assert not trace.complete
     assert any("no end record" in w for w in trace.warnings)
 

@@ -12,7 +12,8 @@ from kvprof import __version__
 from kvprof.errors import KvprofError, UsageError
 
 COMMANDS = ("kvprof.cli.run:RunCommand", "kvprof.cli.info:InfoCommand", "kvprof.cli.analyze:AnalyzeCommand",
-            "kvprof.cli.sweep:SweepCommand", "kvprof.cli.curve:CurveCommand")
+            "kvprof.cli.sweep:SweepCommand", "kvprof.cli.curve:CurveCommand",
+            "kvprof.cli.export:ExportCommand")
 
 
 class _Parser(argparse.ArgumentParser):

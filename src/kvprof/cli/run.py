@@ -20,6 +20,8 @@ class RunCommand:
                             help="scale of prompt lengths (1.0 = the study's, up to 2K tokens)")
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--trace", default="out/run.arrow", help="trace path (overwritten)")
+        parser.add_argument("--py-spy", action="store_true",
+                            help="also sample host stacks with py-spy (as KVPROF_PY_SPY=1)")
 
     def run(self, args) -> int:
         from rich.console import Console
@@ -41,6 +43,8 @@ def run_traced(args) -> tuple[dict, float]:
     from kvprof.models.workload import make_workload
 
     ensure_supported()
+    if getattr(args, "py_spy", False):   # kvprof.trace() reads it
+        os.environ["KVPROF_PY_SPY"] = "1"
     os.makedirs(os.path.dirname(os.path.abspath(args.trace)), exist_ok=True)
     llm = make_llm(max_num_seqs=args.max_num_seqs)
     workload = make_workload(args.prompts, max_tokens=args.max_tokens, seed=args.seed,

@@ -40,6 +40,8 @@ class SweepCommand:
         parser.add_argument("--json", action="store_true", help="print the JSON report")
         parser.add_argument("--reanalyze", action="store_true",
                             help="do not run engines: report the sweep already in --out")
+        parser.add_argument("--py-spy", action="store_true",
+                            help="also sample host stacks with py-spy (as KVPROF_PY_SPY=1)")
 
     def run(self, args) -> int:
         if args.reanalyze:
@@ -47,6 +49,8 @@ class SweepCommand:
         else:
             from kvprof.api import ensure_supported
             ensure_supported()
+            if args.py_spy:   # kvprof.trace() reads it (also in the sweep's engines)
+                os.environ["KVPROF_PY_SPY"] = "1"
             plan = make_plan(args)
             rounds = run_with_progress(plan, quiet=args.json)
             write_manifest(plan, rounds)

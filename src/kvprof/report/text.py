@@ -138,7 +138,21 @@ def step_model(a) -> Table:
     return _pairs("Step-time model", rows)
 
 
+def host_time(a) -> Table:
+    table = Table(title="Host time in steps (py-spy)", title_justify="left")
+    table.add_column("process")
+    for part in ("sampled", "scheduler", "KV cache", "model runner", "I/O", "kvprof", "other"):
+        table.add_column(part, justify="right")
+    for name, p in a.host_time.processes.items():
+        shares = p.shares
+        table.add_row(name, pct(p.sampled_ns / p.window_ns if p.window_ns else 0.0),
+                      *(pct(shares[k]) for k in shares))
+    return table
+
+
 def render(analysis) -> Group:
     """All tables, in reading order."""
-    return Group(*(part(analysis) for part in
-                   (overview, throughput, latency, batch, kv, memory, step_model)))
+    parts = [overview, throughput, latency, batch, kv, memory, step_model]
+    if analysis.host_time is not None:
+        parts.append(host_time)
+    return Group(*(part(analysis) for part in parts))
