@@ -60,21 +60,27 @@ class Sampler:
         program = binary()
         if program is None:
             raise OSError("py-spy is not installed (pip install py-spy)")
-        folder = os.path.join(path + S.PARTS_SUFFIX)
-        for pid, process in processes.items():
-            out = os.path.join(folder, f"pyspy-{process}.json")
-            err = tempfile.TemporaryFile()
-            started_ns = time.monotonic_ns()
-            proc = subprocess.Popen(
-                [program, "record", "--pid", str(pid), "--format", "chrometrace", "--output", out,
-                 "--rate", str(self.rate), "--threads", "--idle", "--nonblocking", "--full-filenames"],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                start_new_session=True)   # a Ctrl-C in the user's terminal does not reach it
-            run = {"pid": pid, "process": process, "proc": proc, "out": out, "err": err,
-                   "started_ns": started_ns}
-            self.runs.append(run)
-            threading.Thread(target=self._watch, args=(run,), daemon=True,
-                             name=f"kvprof-pyspy-{process}").start()
+        try:
+            for pid, process in processes.items():
+                self._launch(program, pid, process)
+        except Exception:   # none is left running when one cannot start
+            self.kill()
+            raise
+
+    def _launch(self, program: str, pid: int, process: str) -> None:
+        out = os.path.join(self.path + S.PARTS_SUFFIX, f"pyspy-{process}.json")
+        err = tempfile.TemporaryFile()
+        started_ns = time.monotonic_ns()
+        proc = subprocess.Popen(
+            [program, "record", "--pid", str(pid), "--format", "chrometrace", "--output", out,
+             "--rate", str(self.rate), "--threads", "--idle", "--nonblocking", "--full-filenames"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+            start_new_session=True)   # a Ctrl-C in the user's terminal does not reach it
+        run = {"pid": pid, "process": process, "proc": proc, "out": out, "err": err,
+               "started_ns": started_ns}
+        self.runs.append(run)
+        threading.Thread(target=self._watch, args=(run,), daemon=True,
+                         name=f"kvprof-pyspy-{process}").start()
 
     def _watch(self, run: dict) -> None:
         """py-spy that exits on its own could not attach (no ptrace rights): say why, once."""

@@ -28,7 +28,7 @@ def events(trace, window: tuple[float | None, float | None] | None = None, every
     first = steps[0]["t_schedule_start_ns"]
     keep = [s for s in steps if _in_window(s["t_schedule_start_ns"] - first, window)
             and s["step"] % every == 0]
-    span = _span(keep, steps, window, first)
+    span = _span(keep, window)
     origin = _origin(trace, first)
     us = lambda t: (t - origin) / 1000.0   # noqa: E731
     out = _metadata(trace)
@@ -47,8 +47,8 @@ def _in_window(rel_ns: int, window) -> bool:
     return (lo is None or rel_ns >= lo * 1e9) and (hi is None or rel_ns < hi * 1e9)
 
 
-def _span(keep: list, steps: list, window, first: int) -> tuple[int, int]:
-    """The time span the export covers: the window, or all steps."""
+def _span(keep: list, window) -> tuple[int, int]:
+    """The time span the export covers: the selected steps' (all time without a window)."""
     if window is None or not keep:
         return (-2**62, 2**62) if window is None else (0, -1)
     return keep[0]["t_schedule_start_ns"], keep[-1]["t_update_end_ns"]
