@@ -22,7 +22,7 @@ from kvprof.analysis.step_model import StepModel, Workload, step_model
 from kvprof.analysis.throughput import Throughput, Tokens, throughput
 from kvprof.errors import TraceFormatError, UsageError
 
-REPORT_VERSION = "1.0"
+REPORT_VERSION = "1.1"   # 1.1: host_time
 NEEDED_TABLES = ("request_steps", "requests", "preemptions", "forward", "host_samples", "host_frames")
 NS_PER_S = 1e9
 _REQUEST_COLUMNS = ("req", "arrival_ns", "queued_ns", "first_scheduled_ns", "first_token_ns",
