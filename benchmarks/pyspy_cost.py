@@ -2,8 +2,9 @@
 
     python benchmarks/pyspy_cost.py [--batch-sizes 1,16,64] [--pairs 6] [--rate 100]
 
-For each batch size one engine runs the same workload traced without and with
-py-spy sampling (``kvprof.trace(..., py_spy=True)``), alternated (ABBA) so that
+One engine (max_num_seqs = the largest batch size) runs, for each batch size, a
+closed loop keeping that many requests in flight, traced without and with py-spy
+sampling (``kvprof.trace(..., py_spy=True)``), alternated (ABBA) so that
 drift cancels; the throughput ratio sampled / unsampled is printed with its spread.
 The last sampled trace of each batch size gives the share of step time per part
 of the engine (``kvprof analyze``'s host-time table) for the EngineCore and the worker.
@@ -26,23 +27,20 @@ def parse_args():
     return p.parse_args()
 
 
-def run_batch_size(bs: int, args, workdir: str) -> dict:
+def run_batch_size(llm, bs: int, args, workdir: str) -> dict:
     import kvprof
-    from kvprof.models.engine import make_llm
+    from kvprof.models.sweep_runner import closed_loop
     from kvprof.models.workload import make_workload
 
-    llm = make_llm(max_num_seqs=bs, enforce_eager=True)
-    n = max(bs * args.waves, 8)
-    workload = make_workload(n, max_tokens=args.max_tokens, seed=bs, length_scale=0.05)
-    prompts, params = workload.prompts(), workload.sampling_params()
-    tokens = len(prompts) * args.max_tokens
+    workload = make_workload(max(bs * args.waves, 8), max_tokens=args.max_tokens, seed=bs,
+                             length_scale=0.05)
 
     def once(sampled: bool, i: int) -> tuple[float, str]:
         llm.reset_prefix_cache()
         path = os.path.join(workdir, f"bs{bs}-{'s' if sampled else 'n'}{i}.arrow")
         start = time.perf_counter()
         with kvprof.trace(llm, path, overwrite=True, py_spy=sampled):
-            llm.generate(prompts, params, use_tqdm=False)
+            tokens = closed_loop(llm.llm_engine, workload, bs)
         return tokens / (time.perf_counter() - start), path
 
     once(False, -1)   # warm-up
@@ -52,7 +50,6 @@ def run_batch_size(bs: int, args, workdir: str) -> dict:
         result = {sampled: once(sampled, i) for sampled in order}
         ratios.append(result[True][0] / result[False][0])
         last = result[True][1]
-    llm.llm_engine.engine_core.shutdown()
     return {"bs": bs, "ratios": ratios, "host": host_shares(last)}
 
 
@@ -67,9 +64,15 @@ def main() -> None:
     args = parse_args()
     from kvprof.analysis.host import PARTS
     results = []
-    with tempfile.TemporaryDirectory() as workdir:
-        for bs in (int(b) for b in args.batch_sizes.split(",")):
-            results.append(run_batch_size(bs, args, workdir))
+    from kvprof.models.engine import make_llm
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    llm = make_llm(max_num_seqs=max(sizes), enforce_eager=True)
+    try:
+        with tempfile.TemporaryDirectory() as workdir:
+            for bs in sizes:
+                results.append(run_batch_size(llm, bs, args, workdir))
+    finally:
+        llm.llm_engine.engine_core.shutdown()
     print("\npy-spy sampling at its default rate (100/s), throughput sampled / unsampled:")
     for r in results:
         q = r["ratios"]
