@@ -140,9 +140,9 @@ def step_model(a) -> Table:
 
 def host_time(a) -> Table:
     table = Table(title="Host time in steps (py-spy)", title_justify="left")
-    table.add_column("process")
-    for part in ("sampled", "scheduler", "KV cache", "model runner", "I/O", "kvprof", "other"):
-        table.add_column(part, justify="right")
+    table.add_column("process", no_wrap=True)
+    for part in ("sampled", "sched", "KV", "runner", "I/O", "kvprof", "other"):
+        table.add_column(part, justify="right", no_wrap=True)
     for name, p in a.host_time.processes.items():
         shares = p.shares
         table.add_row(name, pct(p.sampled_ns / p.window_ns if p.window_ns else 0.0),
