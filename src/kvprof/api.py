@@ -18,13 +18,15 @@ class Trace:
 
     def __init__(self, engine, path, *, overwrite: bool = False, detail: str = "blocks",
                  flush_interval_s: float = 1.0, flush_rows: int = 65536,
-                 record_prompts: bool = False, _fault_point: str | None = None):
+                 record_prompts: bool = False, py_spy: bool | None = None,
+                 _fault_point: str | None = None):
         self.engine = engine
         self.path = os.fspath(path)
         self.overwrite = overwrite
         self.options = {"detail": detail, "flush_interval_s": flush_interval_s,
                         "flush_rows": flush_rows, "record_prompts": record_prompts,
-                        "fault_point": _fault_point, "overwrite": overwrite}
+                        "fault_point": _fault_point, "overwrite": overwrite,
+                        "py_spy": _py_spy_wanted(py_spy)}
         self.client, self.is_async = _engine_core_client(engine)
         self.summary: dict | None = None
         self.started: dict | None = None   # the EngineCore's answer: its pid, the workers' pids
@@ -110,6 +112,14 @@ class Trace:
         if inproc is not None and hasattr(inproc, method):   # InprocClient: same process
             return getattr(inproc, method)(*args)
         return self.client.call_utility(method, *args)
+
+
+def _py_spy_wanted(py_spy: bool | None) -> bool:
+    """``py_spy=None``: as ``KVPROF_PY_SPY`` says (host stacks sampled with py-spy)."""
+    if py_spy is not None:
+        return bool(py_spy)
+    from kvprof.recorder.pyspy import env_enabled
+    return env_enabled()
 
 
 def ensure_supported() -> None:

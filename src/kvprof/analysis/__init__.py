@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from kvprof.analysis.batch import Batch, batch
 from kvprof.analysis.device import DeviceTime, device_time
+from kvprof.analysis.host import HostTime, host_time
 from kvprof.analysis.kv import KV, kv
 from kvprof.analysis.latency import KINDS, Latency, latency
 from kvprof.analysis.memory import Memory, memory
@@ -23,8 +24,8 @@ from kvprof.analysis.step_model import step_samples
 from kvprof.analysis.throughput import Throughput, Tokens, throughput
 from kvprof.errors import TraceFormatError, UsageError
 
-REPORT_VERSION = "1.0"
-NEEDED_TABLES = ("request_steps", "requests", "preemptions", "forward")
+REPORT_VERSION = "1.1"   # 1.1: host_time
+NEEDED_TABLES = ("request_steps", "requests", "preemptions", "forward", "host_samples", "host_frames")
 NS_PER_S = 1e9
 _REQUEST_COLUMNS = ("req", "arrival_ns", "queued_ns", "first_scheduled_ns", "first_token_ns",
                     "finish_ns", "first_scheduled_step", "finish_step", "prompt_tokens",
@@ -62,6 +63,7 @@ class Analysis:
     finished_rows: np.ndarray = field(repr=False)          # rows of requests in latency stats
     run: dict = field(default_factory=dict, repr=False)
     warnings: list[str] = field(default_factory=list)
+    host_time: HostTime | None = None   # py-spy's stacks by part of the engine (format 1.1)
 
     @cached_property
     def per_request(self) -> pa.Table:
@@ -85,7 +87,9 @@ class Analysis:
             "latency_ms": self.latency.to_dict(), "batch": self.batch.to_dict(),
             "kv": self.kv.to_dict(), "memory_bytes": self.memory.to_dict(),
             "step_time_model": self.step_time_model.to_dict(),
-            "device_time": self.device_time.to_dict(), "warnings": list(self.warnings),
+            "device_time": self.device_time.to_dict(),
+            "host_time": self.host_time.to_dict() if self.host_time else None,
+            "warnings": list(self.warnings),
         }
 
 
@@ -340,7 +344,20 @@ def _assemble(trace, window, predict, sel: Selection, requests, chosen, rp: Repl
                                     tokens.output / sel.duration_s if sel.duration_s else 0.0),
         device_time=device_time(forward, sel.step_range),
         timeline=_timeline(sel, rp), all_request_ids=trace["requests"].column("request_id"),
-        finished_rows=chosen, run=trace.run, warnings=list(trace.warnings))
+        finished_rows=chosen, run=trace.run, warnings=list(trace.warnings),
+        host_time=_host_time(trace, sel))
+
+
+def _host_time(trace, sel: Selection) -> HostTime | None:
+    if "host_samples" not in trace.tables or "host_frames" not in trace.tables:
+        return None
+    forward = _columns(trace["forward"], ("step", "rank", "t_start_ns", "t_end_ns"))
+    if sel.step_range is not None:
+        lo, hi = sel.step_range
+        keep = (forward["step"] >= lo) & (forward["step"] <= hi)
+        forward = {name: col[keep] for name, col in forward.items()}
+    rate = (trace.end_records.get("engine_core", {}).get("py_spy") or {}).get("rate_hz")
+    return host_time(trace["host_samples"], trace["host_frames"], sel.steps, forward, rate)
 
 
 def _events(sel: Selection, rp: Replay, requests, admitted, chosen) -> dict:

@@ -26,6 +26,7 @@ class InfoCommand:
 
 
 def describe(trace) -> dict:
+    from kvprof.format import schema as S
     steps = trace["steps"]
     span = 0.0
     if steps.num_rows:
@@ -41,7 +42,8 @@ def describe(trace) -> dict:
         "model": run.get("model", {}),
         "kv": {k: v for k, v in run.get("kv", {}).items() if k != "groups"},
         "engine": run.get("engine", {}),
-        "tables": {name: table.num_rows for name, table in trace.tables.items()},
+        "tables": {name: table.num_rows for name, table in trace.tables.items()
+                   if table.num_rows or name not in S.OPTIONAL_TABLES},   # host_*: only when sampled
         "duration_s": round(span, 6),
         "collector": collector_status(trace),
         "complete": trace.complete,

@@ -13,7 +13,8 @@ from kvprof.errors import KvprofError, UsageError
 
 COMMANDS = ("kvprof.cli.run:RunCommand", "kvprof.cli.info:InfoCommand", "kvprof.cli.analyze:AnalyzeCommand",
             "kvprof.cli.sweep:SweepCommand", "kvprof.cli.curve:CurveCommand",
-            "kvprof.cli.predict:PredictCommand", "kvprof.cli.compare:CompareCommand")
+            "kvprof.cli.predict:PredictCommand", "kvprof.cli.compare:CompareCommand",
+            "kvprof.cli.export:ExportCommand")
 
 
 class _Parser(argparse.ArgumentParser):

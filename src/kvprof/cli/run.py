@@ -22,6 +22,8 @@ class RunCommand:
         parser.add_argument("--trace", default="out/run.arrow", help="trace path (overwritten)")
         parser.add_argument("--verbose", action="store_true",
                             help="show what vLLM and torch print (default: kept in TRACE.log)")
+        parser.add_argument("--py-spy", action="store_true",
+                            help="also sample host stacks with py-spy (as KVPROF_PY_SPY=1)")
 
     def run(self, args) -> int:
         from rich.console import Console
@@ -48,6 +50,8 @@ def run_traced(args) -> tuple[dict, float]:
     from kvprof.models.workload import make_workload
 
     ensure_supported()
+    if getattr(args, "py_spy", False):   # kvprof.trace() reads it
+        os.environ["KVPROF_PY_SPY"] = "1"
     os.makedirs(os.path.dirname(os.path.abspath(args.trace)), exist_ok=True)
     llm = make_llm(max_num_seqs=args.max_num_seqs)
     workload = make_workload(args.prompts, max_tokens=args.max_tokens, seed=args.seed,

@@ -43,11 +43,15 @@ class SweepCommand:
                             help="do not run engines: report the sweep already in --out")
         parser.add_argument("--verbose", action="store_true",
                             help="show what vLLM and torch print (default: kept in OUT/engine.log)")
+        parser.add_argument("--py-spy", action="store_true",
+                            help="also sample host stacks with py-spy (as KVPROF_PY_SPY=1)")
 
     def run(self, args) -> int:
         if args.reanalyze:
             rounds, plan = load_manifest(args.out)
         else:
+            if args.py_spy:   # kvprof.trace() reads it (also in the sweep's engines)
+                os.environ["KVPROF_PY_SPY"] = "1"
             plan = make_plan(args)
             output = engine_output(os.path.join(args.out, "engine.log"), args.verbose)
             rounds = run_with_progress(plan, output, quiet=args.json)

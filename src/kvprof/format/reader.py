@@ -70,6 +70,8 @@ def read_trace(path: str, tables: tuple[str, ...] | None = None) -> Trace:
             part = os.path.join(parts, S.PART_FILES[table])
             if os.path.exists(part) and os.path.getsize(part) > 0:
                 loaded[table] = read_stream(part, table, warnings)[0]
+            elif table in S.OPTIONAL_TABLES:   # an older minor version, or not recorded
+                loaded[table] = empty_table(table)
             else:
                 warnings.append(f"{table}: missing or empty part file ({part})")
                 loaded[table] = empty_table(table)

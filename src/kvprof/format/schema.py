@@ -9,15 +9,17 @@ metadata, which is written first and so survives a crash.
 
 Minor versions only add columns: a reader ignores columns it does not know, and
 gives a default to a column that an older minor version lacked (``ADDED_COLUMNS``:
-null). A new major version means a reader of an older major refuses the file.
-1.1 added the CUPTI collector's per-category device times to ``forward``.
+null). A table added in a minor version (``OPTIONAL_TABLES``) reads as empty from an
+older trace, without a warning. A new major version means a reader of an older major
+refuses the file. 1.1 added the CUPTI collector's per-category device times to
+``forward``, and the py-spy tables ``host_samples`` and ``host_frames``.
 """
 from __future__ import annotations
 
 import pyarrow as pa
 
 FORMAT_MAJOR = 1
-FORMAT_MINOR = 1
+FORMAT_MINOR = 1   # 1.1: forward device-time columns; host_samples and host_frames
 FORMAT_VERSION = f"{FORMAT_MAJOR}.{FORMAT_MINOR}"
 
 META_FORMAT = b"kvprof.format_version"
@@ -152,6 +154,25 @@ FORWARD = [
     pa.field("dev_records", _i32, nullable=True),     # kernel + memcpy + memset records summed
 ]
 
+# Host stacks sampled by py-spy (format 1.1; files only when sampling was on). py-spy
+# merges consecutive samples of a thread with the same stack: a row is one such run.
+HOST_SAMPLES = _fields(
+    ("t_ns", _i64),                   # first sample of the run, time.monotonic_ns()
+    ("duration_ns", _i64),            # until the thread's stack changed (or sampling ended)
+    ("pid", _i32),                    # operating-system process id
+    ("process", pa.string()),         # "engine_core" or "worker-<rank>"
+    ("tid", _i64),                    # operating-system thread id
+    ("thread", pa.string()),          # Python thread name (MainThread, ...)
+    ("stack", pa.list_(pa.field("item", _i32, nullable=False))),  # frame ids, innermost first
+)
+
+HOST_FRAMES = _fields(
+    ("frame", _i32),                  # id used in host_samples.stack
+    ("function", pa.string()),        # qualified name as py-spy reports it
+    ("file", pa.string()),            # full path of the source file
+    ("line", _i32),                   # line of the first sample of the run (0: unknown)
+)
+
 TABLES: dict[str, list[pa.Field]] = {
     "steps": STEPS,
     "request_steps": REQUEST_STEPS,
@@ -160,6 +181,8 @@ TABLES: dict[str, list[pa.Field]] = {
     "preemptions": PREEMPTIONS,
     "prompts": PROMPTS,
     "forward": FORWARD,
+    "host_samples": HOST_SAMPLES,
+    "host_frames": HOST_FRAMES,
 }
 
 # Columns a minor version added, by table, with the version that added them: a file
@@ -168,6 +191,9 @@ ADDED_COLUMNS: dict[str, dict[str, str]] = {
     "forward": {name: "1.1" for name in ("dev_gemm_ns", "dev_attention_ns", "dev_comm_ns",
                                          "dev_memcpy_ns", "dev_other_ns", "dev_records")},
 }
+
+# Tables a minor version added: absent in older traces (and when not recorded) without a warning.
+OPTIONAL_TABLES = ("host_samples", "host_frames")
 
 # Tables in the parts folder; "forward" has one file per worker rank.
 PART_FILES = {name: f"{name}.arrow" for name in TABLES if name not in ("steps", "forward")}

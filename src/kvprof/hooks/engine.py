@@ -28,7 +28,8 @@ class Options:
 
     def __init__(self, detail: str = "blocks", flush_interval_s: float = 1.0,
                  flush_rows: int = 65536, rss_every: int = 16, record_prompts: bool = False,
-                 fault_point: str | None = None, collector: bool = True):
+                 fault_point: str | None = None, collector: bool = True, py_spy: bool = False,
+                 py_spy_rate: int = 100):
         if detail not in ("steps", "blocks"):
             raise ValueError("detail must be 'steps' or 'blocks'")
         self.detail = detail
@@ -38,12 +39,14 @@ class Options:
         self.record_prompts = record_prompts
         self.fault_point = fault_point   # tests: make this hook raise (see hooks.state)
         self.collector = collector       # the CUPTI collector, where CUDA is (recorder.cupti)
+        self.py_spy = bool(py_spy)       # sample host stacks with py-spy (recorder.pyspy)
+        self.py_spy_rate = int(py_spy_rate)
 
     def to_dict(self) -> dict:
         return {"detail": self.detail, "flush_interval_s": self.flush_interval_ns / 1e9,
                 "flush_rows": self.flush_rows, "rss_every": self.rss_every,
                 "record_prompts": self.record_prompts, "fault_point": self.fault_point,
-                "collector": self.collector}
+                "collector": self.collector, "py_spy": self.py_spy, "py_spy_rate": self.py_spy_rate}
 
 
 class EngineRecorder:
@@ -56,7 +59,8 @@ class EngineRecorder:
         self.block_events_on = options.detail == "blocks"
         tables = {"steps": path}
         for table, name in S.PART_FILES.items():
-            tables[table] = os.path.join(parts_dir(path), name)
+            if table not in S.OPTIONAL_TABLES:   # py-spy's tables are written apart
+                tables[table] = os.path.join(parts_dir(path), name)
         self.session = TraceSession(path, tables, "engine_core", run)
         self.req_index: dict[str, int] = {}
         self.requests_seen = 0

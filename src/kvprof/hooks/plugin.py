@@ -195,10 +195,9 @@ def start_engine_recorder(scheduler, path: str, options: dict, executor=None) ->
     ProcessState.warned = False
     ProcessState.failed_end = None
     _close_at_exit()
+    if opts.py_spy:
+        _start_sampler(path, workers, opts.py_spy_rate)
     return {"pid": os.getpid(), "path": path, "worker_pids": workers}
-
-
-_exit_hook_registered = False
 
 
 def data_parallel_rank(scheduler) -> tuple[int | None, int | None]:
@@ -219,6 +218,40 @@ def data_parallel_rank(scheduler) -> tuple[int | None, int | None]:
     return int(rank or 0), (size if size > 1 else None)
 
 
+_sampler = None   # recorder.pyspy.Sampler while host stacks are sampled
+
+
+def _start_sampler(path: str, worker_pids: list, rate: int) -> None:
+    """py-spy on this process and each worker; where it cannot run, one warning, tracing goes on."""
+    global _sampler
+    from kvprof.recorder.pyspy import Sampler
+    processes = {os.getpid(): "engine_core"}
+    for rank, pid in enumerate(worker_pids or []):
+        if isinstance(pid, int) and pid not in processes:   # a worker inside the EngineCore: once
+            processes[pid] = f"worker-{rank}"
+    try:
+        _sampler = Sampler(path, processes, rate)
+    except Exception as exc:
+        log.warning("kvprof: py-spy sampling off: %s; tracing goes on without host stacks", exc)
+
+
+def _stop_sampler() -> dict | None:
+    global _sampler
+    sampler, _sampler = _sampler, None
+    if sampler is None:
+        return None
+    try:
+        sampler.stop()
+        return sampler.write_tables()
+    except Exception as exc:
+        sampler.kill()
+        log.warning("kvprof: py-spy samples not written: %s: %s", type(exc).__name__, exc)
+        return {"failed": {"all": f"{type(exc).__name__}: {exc}"}}
+
+
+_exit_hook_registered = False
+
+
 def _close_at_exit() -> None:
     """A process that exits (SIGTERM handled, sys.exit) closes its trace files cleanly."""
     global _exit_hook_registered
@@ -228,6 +261,8 @@ def _close_at_exit() -> None:
 
 
 def _close_all() -> None:
+    if _sampler is not None:
+        _sampler.kill()
     for name in ("recorder", "worker_recorder"):
         rec = getattr(ProcessState, name)
         setattr(ProcessState, name, None)
@@ -240,6 +275,7 @@ def _close_all() -> None:
 
 def stop_engine_recorder(executor=None) -> dict:
     """Close this process's trace; the end record of one a failure closed earlier is returned."""
+    host = _stop_sampler()
     rec, ProcessState.recorder = ProcessState.recorder, None
     if rec is not None:
         end = rec.close()
@@ -248,6 +284,8 @@ def stop_engine_recorder(executor=None) -> dict:
     else:
         end = ProcessState.failed_end or {}
     ProcessState.failed_end = None
+    if host is not None:
+        end = {**end, "py_spy": host}
     if executor is not None:
         workers = _stop_workers(executor)
         if workers is not None:
@@ -425,7 +463,8 @@ def _calling_instance(cls):
 
 
 def _env_options() -> dict:
-    return {"detail": os.environ.get(ENV_DETAIL, "blocks")}
+    from kvprof.recorder.pyspy import env_enabled
+    return {"detail": os.environ.get(ENV_DETAIL, "blocks"), "py_spy": env_enabled()}
 
 
 def _env_start_engine(scheduler, engine_core) -> None:

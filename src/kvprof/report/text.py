@@ -150,8 +150,23 @@ def device(a) -> Table | None:
     return table
 
 
+def host_time(a) -> Table:
+    table = Table(title="Host time in steps (py-spy)", title_justify="left")
+    table.add_column("process", no_wrap=True)
+    for part in ("sampled", "sched", "KV", "runner", "I/O", "kvprof", "other"):
+        table.add_column(part, justify="right", no_wrap=True)
+    for name, p in a.host_time.processes.items():
+        shares = p.shares
+        table.add_row(name, pct(p.sampled_ns / p.window_ns if p.window_ns else 0.0),
+                      *(pct(shares[k]) for k in shares))
+    return table
+
+
 def render(analysis) -> Group:
-    """All tables, in reading order (the GPU breakdown only where the collector ran)."""
-    parts = (part(analysis) for part in
-             (overview, throughput, latency, batch, kv, memory, device, step_model))
+    """All tables, in reading order (the GPU breakdown only where the collector ran, host
+    time only where py-spy sampled)."""
+    parts = [overview, throughput, latency, batch, kv, memory, device, step_model]
+    if analysis.host_time is not None:
+        parts.append(host_time)
+    parts = (part(analysis) for part in parts)
     return Group(*(p for p in parts if p is not None))
