@@ -39,8 +39,17 @@ def small_kv_engine():
     shutdown(llm)
 
 
-def vllm_counter(llm, name: str) -> float:
-    return sum(m.value for m in llm.get_metrics() if m.name == name)
+def vllm_prefix_hits(outputs) -> int:
+    """vLLM's own count of prompt tokens served from the prefix cache at each request's
+    first scheduling (``RequestOutput.num_cached_tokens``). Per request, unlike the
+    Prometheus counters: those live in one registry per process, which a later engine
+    started in the same test process resets."""
+    return sum(o.num_cached_tokens or 0 for o in outputs)
+
+
+def vllm_preemptions(outputs) -> int:
+    """vLLM's own preemption count, summed over the requests' metrics."""
+    return sum(o.metrics.num_preemptions for o in outputs)
 
 
 def external_id(request_id: str) -> str:

@@ -7,7 +7,7 @@ import kvprof
 from kvprof.format import schema as S
 
 from .checks import block_identity, token_identity
-from .conftest import external_id, vllm_counter
+from .conftest import external_id, vllm_preemptions, vllm_prefix_hits
 
 pytestmark = pytest.mark.engine
 
@@ -20,13 +20,10 @@ def run(small_kv_engine, tmp_path_factory):
     untraced = llm.generate(wl.prompts(), wl.sampling_params(), use_tqdm=False)
     llm.reset_prefix_cache()
     path = tmp_path_factory.mktemp("preempt") / "run.arrow"
-    preempted_before = vllm_counter(llm, "vllm:num_preemptions")
-    hits_before = vllm_counter(llm, "vllm:prefix_cache_hits")
     with kvprof.trace(llm, path):
         traced = llm.generate(wl.prompts(), wl.sampling_params(), use_tqdm=False)
     return {"trace": kvprof.open_trace(path), "traced": traced, "untraced": untraced,
-            "vllm_preemptions": vllm_counter(llm, "vllm:num_preemptions") - preempted_before,
-            "vllm_hits": vllm_counter(llm, "vllm:prefix_cache_hits") - hits_before}
+            "vllm_preemptions": vllm_preemptions(traced), "vllm_hits": vllm_prefix_hits(traced)}
 
 
 def test_outputs_identical_under_preemption(run):

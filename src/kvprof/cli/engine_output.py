@@ -34,7 +34,9 @@ class EngineOutput:
         if self.log_path is None:
             yield self
             return
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        # vLLM's own handler writes to the sys.stdout of the moment it is configured, which
+        # may be a caller's buffer (kvprof's CLI run in-process): keep its output to errors.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
         sys.stdout.flush()
         sys.stderr.flush()
