@@ -27,11 +27,13 @@ def _run(args, env=None, timeout=300):
 def test_env_variable_traces_without_code_change(tmp_path):
     path = tmp_path / "env.arrow"
     proc = _run([EXAMPLES / "trace_llm.py", "--prompts", "12", "--max-tokens", "8"],
-                env={"KVPROF_TRACE": str(path)})
+                env={"KVPROF_TRACE": str(path), "VLLM_LOGGING_LEVEL": "INFO"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     trace = kvprof.open_trace(path)
     req = trace["requests"].to_pandas()
     assert len(req) == 12 and (req.output_tokens == 8).all()
+    shutdown_log = [line for line in proc.stderr.splitlines() if "shutdown" in line or "kvprof" in line]
+    assert "engine_core" in trace.end_records, "\n".join(["no EngineCore end record", *shutdown_log])
     _assert_closed_after_idle(trace)
 
 

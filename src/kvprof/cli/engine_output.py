@@ -23,8 +23,9 @@ KVPROF_MARK = "kvprof: "
 class EngineOutput:
     """The log the engine's processes write to, and the terminal kvprof writes to."""
 
-    def __init__(self, log_path: str | None):
+    def __init__(self, log_path: str | None, environ: dict[str, str] | None = None):
         self.log_path = log_path          # None: --verbose, everything on the terminal
+        self.environ = dict(environ or {})   # set for the command's engines, then restored
         self.terminal_err = sys.stderr    # replaced, while capturing, by the real terminal
 
     @contextlib.contextmanager
@@ -32,11 +33,12 @@ class EngineOutput:
         """Point fds 1 and 2 at the log for the duration: every process started meanwhile
         (EngineCore, workers, the resource tracker) inherits them and prints there."""
         if self.log_path is None:
-            yield self
+            with scoped_environ(self.environ):
+                yield self
             return
         # vLLM's own handler writes to the sys.stdout of the moment it is configured, which
         # may be a caller's buffer (kvprof's CLI run in-process): keep its output to errors.
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        quiet_vllm = {} if "VLLM_LOGGING_LEVEL" in os.environ else {"VLLM_LOGGING_LEVEL": "ERROR"}
         os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -47,7 +49,7 @@ class EngineOutput:
         try:
             os.dup2(log_fd, 1)
             os.dup2(log_fd, 2)
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), scoped_environ({**quiet_vllm, **self.environ}):
                 warnings.simplefilter("ignore")   # torch's and vLLM's, in this process
                 yield self
         finally:
@@ -97,10 +99,32 @@ class EngineOutput:
             print(f"kvprof: the engine's output is in {self.log_path}", file=sys.stderr)
 
 
-def engine_output(log_path: str, verbose: bool) -> EngineOutput:
-    """A fresh log at ``log_path`` (or the terminal itself with ``--verbose``)."""
+def engine_output(log_path: str, verbose: bool, environ: dict[str, str] | None = None) -> EngineOutput:
+    """A fresh log at ``log_path`` (or the terminal itself with ``--verbose``); ``environ``
+    is set while the command's engines run."""
     if verbose:
-        return EngineOutput(None)
+        return EngineOutput(None, environ)
     with contextlib.suppress(FileNotFoundError):
         os.remove(log_path)
-    return EngineOutput(log_path)
+    return EngineOutput(log_path, environ)
+
+
+def py_spy_environ(py_spy: bool) -> dict[str, str]:
+    """``--py-spy`` is ``KVPROF_PY_SPY=1`` for the command's engines (kvprof.trace() reads it)."""
+    return {"KVPROF_PY_SPY": "1"} if py_spy else {}
+
+
+@contextlib.contextmanager
+def scoped_environ(values: dict[str, str]):
+    """Environment variables for the engines a command starts, restored afterwards: a
+    caller that runs kvprof's CLI in-process (tests, notebooks) keeps its environment."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -29,9 +29,9 @@ class RunCommand:
         from rich.console import Console
 
         console = Console()
-        from kvprof.cli.engine_output import engine_output
+        from kvprof.cli.engine_output import engine_output, py_spy_environ
         from kvprof.format.reader import read_trace
-        output = engine_output(args.trace + ".log", args.verbose)
+        output = engine_output(args.trace + ".log", args.verbose, py_spy_environ(args.py_spy))
         with output.session():
             with Console(file=output.terminal_err).status(
                     f"starting the engine and tracing {args.prompts} requests"):
@@ -50,8 +50,6 @@ def run_traced(args) -> tuple[dict, float]:
     from kvprof.models.workload import make_workload
 
     ensure_supported()
-    if getattr(args, "py_spy", False):   # kvprof.trace() reads it
-        os.environ["KVPROF_PY_SPY"] = "1"
     os.makedirs(os.path.dirname(os.path.abspath(args.trace)), exist_ok=True)
     llm = make_llm(max_num_seqs=args.max_num_seqs)
     workload = make_workload(args.prompts, max_tokens=args.max_tokens, seed=args.seed,

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from kvprof.cli.engine_output import engine_output
+from kvprof.cli.engine_output import engine_output, py_spy_environ
 from kvprof.errors import KvprofError, UsageError
 
 MANIFEST = "manifest.json"
@@ -50,10 +50,9 @@ class SweepCommand:
         if args.reanalyze:
             rounds, plan = load_manifest(args.out)
         else:
-            if args.py_spy:   # kvprof.trace() reads it (also in the sweep's engines)
-                os.environ["KVPROF_PY_SPY"] = "1"
             plan = make_plan(args)
-            output = engine_output(os.path.join(args.out, "engine.log"), args.verbose)
+            output = engine_output(os.path.join(args.out, "engine.log"), args.verbose,
+                                   py_spy_environ(args.py_spy))
             rounds = run_with_progress(plan, output, quiet=args.json)
             write_manifest(plan, rounds)
             plan = plan_dict(plan)
