@@ -250,13 +250,14 @@ def run_metadata(engine: Engine) -> dict:
 
 
 def write(path: str, sim: Simulation, batch_rows: int = 7, forward: bool = True,
-          worker: dict | None = None, gpu=None, device=None) -> None:
+          worker: dict | None = None, gpu=None, device=None, ranks: int = 1, late=None) -> None:
     """The simulation's tables through TraceSession, in small batches (state across batches).
 
     ``worker``: the worker's run metadata (weights, RSS at start, cuda); ``gpu``: a
     function of the step number giving (nvml used, allocated, reserved, peak) bytes;
     ``device``: one giving the CUPTI collector's (gemm, attention, comm, memcpy, other
-    ns, records) of the step.
+    ns, records) of the step. ``ranks`` workers each write a forward file; ``late``, a
+    function of (step, rank), delays a rank's forward start by that many ns.
     """
     prepare_target(path, overwrite=True)
     parts = parts_dir(path)
@@ -269,11 +270,12 @@ def write(path: str, sim: Simulation, batch_rows: int = 7, forward: bool = True,
     _submit(session, "requests", sim.request_rows(), batch_rows)
     _submit(session, "preemptions", sim.preemptions, batch_rows)
     session.close(extra={"kv_blocks_used_at_start": 0, "steps": len(sim.steps)})
-    if forward:
-        session = TraceSession(path, {"forward": f"{parts}/{S.forward_file(0)}"}, "worker-0",
+    for rank in range(ranks if forward else 0):
+        delay = late or (lambda step, rank: 0)
+        session = TraceSession(path, {"forward": f"{parts}/{S.forward_file(rank)}"}, f"worker-{rank}",
                                {**run, "worker": worker or {}}, max_pending=100_000)
-        _submit(session, "forward", [(s["step"], 0, s["t_schedule_end_ns"], s["t_update_start_ns"],
-                                      None, worker_rss(s["step"]), 500,
+        _submit(session, "forward", [(s["step"], rank, s["t_schedule_end_ns"] + delay(s["step"], rank),
+                                      s["t_update_start_ns"], None, worker_rss(s["step"]), 500,
                                       *(gpu(s["step"]) if gpu else (None,) * 4),
                                       *(device(s["step"]) if device else (None,) * 6))
                                      for s in sim.steps], batch_rows)

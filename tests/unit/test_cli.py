@@ -98,6 +98,7 @@ def test_info_json(capsys):
     assert info["duration_s"] == round(span_ns / 1e9, 6)
     assert info["complete"] is True
     assert info["rows_dropped"] == {} and info["warnings"] == []
+    assert info["forward_rows_by_rank"] == {"0": pyarrow_rows()["forward"]}
 
 
 def test_info_does_not_import_numba_or_vllm():

@@ -20,11 +20,12 @@ from kvprof.analysis.kv import KV, kv
 from kvprof.analysis.latency import KINDS, Latency, latency
 from kvprof.analysis.memory import Memory, memory
 from kvprof.analysis.predict import Requests, StepModel, step_model
+from kvprof.analysis.ranks import Ranks, ranks
 from kvprof.analysis.step_model import step_samples
 from kvprof.analysis.throughput import Throughput, Tokens, throughput
 from kvprof.errors import TraceFormatError, UsageError
 
-REPORT_VERSION = "1.1"   # 1.1: host_time
+REPORT_VERSION = "1.2"   # 1.1: host_time; 1.2: ranks
 NEEDED_TABLES = ("request_steps", "requests", "preemptions", "forward", "host_samples", "host_frames")
 NS_PER_S = 1e9
 _REQUEST_COLUMNS = ("req", "arrival_ns", "queued_ns", "first_scheduled_ns", "first_token_ns",
@@ -64,6 +65,7 @@ class Analysis:
     run: dict = field(default_factory=dict, repr=False)
     warnings: list[str] = field(default_factory=list)
     host_time: HostTime | None = None   # py-spy's stacks by part of the engine (format 1.1)
+    ranks: Ranks | None = None          # skew between worker ranks (tensor/pipeline parallel)
 
     @cached_property
     def per_request(self) -> pa.Table:
@@ -89,6 +91,7 @@ class Analysis:
             "step_time_model": self.step_time_model.to_dict(),
             "device_time": self.device_time.to_dict(),
             "host_time": self.host_time.to_dict() if self.host_time else None,
+            "ranks": self.ranks.to_dict() if self.ranks else None,
             "warnings": list(self.warnings),
         }
 
@@ -342,7 +345,7 @@ def _assemble(trace, window, predict, sel: Selection, requests, chosen, rp: Repl
         memory=memory(st, forward, run_kv.get("bytes_per_block"), sel.step_range),
         step_time_model=_step_model(sel, rp, done, predict, kv_result, engine, batch_result,
                                     tokens.output / sel.duration_s if sel.duration_s else 0.0),
-        device_time=device_time(forward, sel.step_range),
+        device_time=device_time(forward, sel.step_range), ranks=ranks(forward, sel.step_range),
         timeline=_timeline(sel, rp), all_request_ids=trace["requests"].column("request_id"),
         finished_rows=chosen, run=trace.run, warnings=list(trace.warnings),
         host_time=_host_time(trace, sel))

@@ -46,6 +46,7 @@ def describe(trace) -> dict:
                    if table.num_rows or name not in S.OPTIONAL_TABLES},   # host_*: only when sampled
         "duration_s": round(span, 6),
         "collector": collector_status(trace),
+        "forward_rows_by_rank": forward_rows_by_rank(trace),
         "complete": trace.complete,
         "rows_dropped": trace.rows_dropped,
         "warnings": trace.warnings,
@@ -67,11 +68,20 @@ def render(info: dict) -> str:
         f"time span    {info['duration_s']:.3f} s",
         f"collector    {render_collector(info['collector'])}",
         "tables       " + ", ".join(f"{k}={v}" for k, v in info["tables"].items()),
+        "ranks        " + (", ".join(f"{r}: {n} forwards" for r, n in info["forward_rows_by_rank"].items())
+                           or "no forward rows"),
         f"complete     {info['complete']}"
         + (f" (dropped rows: {info['rows_dropped']})" if info["rows_dropped"] else ""),
     ]
     lines += [f"warning      {w}" for w in info["warnings"]]
     return "\n".join(lines)
+
+
+def forward_rows_by_rank(trace) -> dict[str, int]:
+    """Forward rows per worker rank: with tensor/pipeline parallelism, one per rank per step."""
+    import pyarrow.compute as pc
+    counts = pc.value_counts(trace["forward"].column("rank")).to_pylist()
+    return {str(c["values"]): c["counts"] for c in sorted(counts, key=lambda c: c["values"])}
 
 
 def collector_status(trace) -> list[dict]:

@@ -147,6 +147,18 @@ def _latency_table(report: dict) -> str:
     return f"<table>{head}{body}</table>"
 
 
+def _ranks_tables(ranks: dict) -> str:
+    """The skew summary, then one row per rank."""
+    spreads = {f"{name} {stat}": value for name in ("duration_spread_ms", "start_skew_ms")
+               for stat, value in ranks[name].items()} if ranks["steps"] else {}
+    per_rank = ranks["per_rank"]
+    columns = next(iter(per_rank.values()), {}).keys()
+    head = "<tr><th>rank</th>" + "".join(f"<th>{html.escape(c)}</th>" for c in columns) + "</tr>"
+    body = "".join(f"<tr><td>{r}</td>" + "".join(f"<td>{_fmt(p[c])}</td>" for c in columns)
+                   + "</tr>" for r, p in per_rank.items())
+    return _table({**ranks, **spreads}) + f"<table>{head}{body}</table>"
+
+
 def render(analysis) -> str:
     """The whole page as one string."""
     a, report = analysis, clean(analysis.to_dict())
@@ -164,6 +176,8 @@ def render(analysis) -> str:
          + "".join(_table(p) for p in model["predictions"]) + step_time_plot(a)),
         ("Memory", memory_plot(a)),
     ]
+    if report["ranks"]:
+        sections.append(("Worker ranks", _ranks_tables(report["ranks"])))
     warnings = "".join(f"<p><b>warning:</b> {html.escape(w)}</p>" for w in a.warnings)
     body = "".join(f"<h2>{title}</h2>{content}" for title, content in sections)
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>kvprof — "

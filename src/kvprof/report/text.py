@@ -162,10 +162,33 @@ def host_time(a) -> Table:
     return table
 
 
+def ranks(a) -> Table | None:
+    """Per worker rank: forward time and how often it was the longest or started last."""
+    r = a.ranks
+    if r is None or not r.steps:
+        return None
+    table = Table(title=f"Worker ranks ({r.steps:,} steps with every rank, {r.time_source})",
+                  title_justify="left")
+    for column in ("rank", "forward mean ms", "p50", "p99", "longest in", "last to start in",
+                   "late by (mean ms)"):
+        table.add_column(column, justify="right")
+    for rank, p in r.per_rank.items():
+        table.add_row(str(rank), num(p.forward_ms_mean, 3), num(p.forward_ms_p50, 3),
+                      num(p.forward_ms_p99, 3), pct(p.longest_share), pct(p.last_start_share),
+                      num(p.late_start_ms_mean, 3))
+    spread, skew = r.duration_spread_ms, r.start_skew_ms
+    late = (f"; rank {r.late_starter} starts last in most steps (the others wait for it)"
+            if r.late_starter is not None else "")
+    table.caption = (f"spread between ranks per step: mean {num(spread.mean, 3)} ms, p99 "
+                     f"{num(spread.p99, 3)} ms ({pct(r.waiting_share)} of forward time spent "
+                     f"waiting); start skew mean {num(skew.mean, 3)} ms{late}")
+    return table
+
+
 def render(analysis) -> Group:
     """All tables, in reading order (the GPU breakdown only where the collector ran, host
-    time only where py-spy sampled)."""
-    parts = [overview, throughput, latency, batch, kv, memory, device, step_model]
+    time only where py-spy sampled, ranks only with several workers)."""
+    parts = [overview, throughput, latency, batch, kv, memory, device, ranks, step_model]
     if analysis.host_time is not None:
         parts.append(host_time)
     parts = (part(analysis) for part in parts)
