@@ -20,7 +20,6 @@ class Trace:
                  flush_interval_s: float = 1.0, flush_rows: int = 65536,
                  record_prompts: bool = False, py_spy: bool | None = None,
                  _fault_point: str | None = None):
-        self.engine = engine
         self.path = os.fspath(path)
         self.overwrite = overwrite
         self.options = {"detail": detail, "flush_interval_s": flush_interval_s,
@@ -67,8 +66,10 @@ class Trace:
     # ----------------------------------------------------------- async
     async def start_async(self) -> "Trace":
         self._prepare()
-        self.started = self._started(
-            await self.client.call_utility_async("kvprof_start", self.path, self.options))
+        answers = await self._call_async("kvprof_start", self.path, self.options)
+        for answer in answers:
+            _checked_start(answer)
+        self.started = self._started(_with_replicas(answers))
         self.active = True
         return self
 
@@ -76,8 +77,20 @@ class Trace:
         if not self.active:
             return self.summary or {}
         self.active = False
-        self.summary = await self.client.call_utility_async("kvprof_stop")
+        self.summary = _with_replicas(await self._call_async("kvprof_stop"))
         return self.summary
+
+    async def status_async(self) -> dict:
+        """``status()`` for AsyncLLM (every replica's, under ``replicas``, with data parallel)."""
+        return _with_replicas(await self._call_async("kvprof_status"))
+
+    async def _call_async(self, method: str, *args) -> list:
+        """One answer per EngineCore: a data-parallel AsyncLLM has one per replica, and
+        each must start and stop its own trace (``NAME.dp<rank>.arrow``)."""
+        engines = getattr(self.client, "core_engines", None) or []
+        if len(engines) > 1 and hasattr(self.client, "call_utility_all_async"):
+            return list(await self.client.call_utility_all_async(method, *args))
+        return [await self.client.call_utility_async(method, *args)]
 
     async def __aenter__(self) -> "Trace":
         return await self.start_async()
@@ -130,6 +143,14 @@ def ensure_supported() -> None:
     if plugin.status()["unsupported"]:
         from kvprof.errors import UnsupportedVllmVersion
         raise UnsupportedVllmVersion(plugin.status()["unsupported"])
+
+
+def _with_replicas(answers: list):
+    """The first EngineCore's answer, plus all of them under ``replicas`` when there are several."""
+    first = answers[0]
+    if len(answers) == 1 or not isinstance(first, dict):
+        return first
+    return {**first, "replicas": list(answers)}
 
 
 def _checked_start(answer):

@@ -49,6 +49,38 @@ def test_async_llm_example(tmp_path):
     assert sorted(r.rsplit("-", 1)[0] for r in req.request_id) == sorted(f"req-{i}" for i in range(40))
 
 
+def test_async_llm_data_parallel_traces_every_replica(tmp_path):
+    """``async with kvprof.trace(...)`` on an AsyncLLM with two replicas: both EngineCores
+    start and stop their own trace, and the deployment's analysis adds up to what the
+    client received."""
+    path = tmp_path / "adp.arrow"
+    proc = _run([EXAMPLES / "trace_async.py", path, "--requests", "20", "--max-tokens", "8",
+                 "--data-parallel-size", "2"], env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "20 requests, 160 tokens" in proc.stdout
+    requests = []
+    for rank in (0, 1):
+        trace = kvprof.open_trace(tmp_path / f"adp.dp{rank}.arrow")
+        assert trace.complete, trace.warnings
+        assert trace.run["data_parallel"]["rank"] == rank
+        requests.append(trace["requests"].to_pandas())
+    both = pd.concat(requests)
+    assert len(both) == 20 and (both.output_tokens == 8).all() and both.request_id.is_unique
+    _assert_deployment_report(path, [len(r) for r in requests], output_tokens=160)
+
+
+def _assert_deployment_report(path, requests_per_replica: list[int], output_tokens: int) -> None:
+    """``kvprof analyze NAME.arrow`` on the replicas' traces: the whole equals their sum."""
+    import json
+    proc = _run(["-m", "kvprof", "analyze", path, "--json"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    whole = json.loads(proc.stdout)["deployment"]
+    assert [r["requests_finished"] for r in whole["replicas"]] == requests_per_replica
+    assert whole["requests_finished"] == sum(requests_per_replica)
+    assert whole["tokens"]["output"] == output_tokens
+    assert whole["latency_ms"]["ttft"]["count"] == sum(requests_per_replica)
+
+
 def test_kill_9_of_engine_core_leaves_a_readable_trace(tmp_path):
     path = tmp_path / "killed.arrow"
     log = tmp_path / "stdout.txt"
@@ -142,6 +174,7 @@ def test_data_parallel_replicas_write_traces_of_their_own(tmp_path):
     both = pd.concat(requests)
     assert len(both) == 6 and (both.output_tokens == 6).all()
     assert both.request_id.is_unique
+    _assert_deployment_report(path, [len(r) for r in requests], output_tokens=36)
 
 
 def _serve_completions(path, n: int, args=(), env=None) -> None:

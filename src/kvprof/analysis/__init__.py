@@ -66,6 +66,7 @@ class Analysis:
     warnings: list[str] = field(default_factory=list)
     host_time: HostTime | None = None   # py-spy's stacks by part of the engine (format 1.1)
     ranks: Ranks | None = None          # skew between worker ranks (tensor/pipeline parallel)
+    span_ns: tuple[int, int] = (0, 0)   # first selected step's start, last one's end (monotonic)
 
     @cached_property
     def per_request(self) -> pa.Table:
@@ -348,7 +349,7 @@ def _assemble(trace, window, predict, sel: Selection, requests, chosen, rp: Repl
         device_time=device_time(forward, sel.step_range), ranks=ranks(forward, sel.step_range),
         timeline=_timeline(sel, rp), all_request_ids=trace["requests"].column("request_id"),
         finished_rows=chosen, run=trace.run, warnings=list(trace.warnings),
-        host_time=_host_time(trace, sel))
+        host_time=_host_time(trace, sel), span_ns=sel.span_ns)
 
 
 def _host_time(trace, sel: Selection) -> HostTime | None:

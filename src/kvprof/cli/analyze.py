@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 
-from kvprof.errors import KvprofError, TraceTargetError
+from kvprof.errors import KvprofError, TraceTargetError, UsageError
 
 
 def parse_window(text: str) -> tuple[float | None, float | None]:
@@ -54,15 +55,11 @@ class AnalyzeCommand:
                             help="predict throughput at these batch sizes with the step-time model")
 
     def run(self, args) -> int:
-        from kvprof.analysis import analyze
+        from kvprof.format.reader import replica_traces
 
-        trace = read_while_loading_kernels(args.path)
-        try:
-            analysis = analyze(trace, window=args.window, predict=args.predict)
-        except KvprofError as exc:
-            raise with_warnings(exc, trace.warnings) from None
-        for warning in trace.warnings:
-            print(f"kvprof: warning: {warning}", file=sys.stderr)
+        if not os.path.exists(args.path) and replica_traces(args.path):
+            return analyze_deployment(args, replica_traces(args.path))
+        analysis = analyze_one(args.path, args)
         if args.html:
             write_html(analysis, args.html)
         if args.json:
@@ -73,6 +70,48 @@ class AnalyzeCommand:
             from kvprof.report.text import render
             Console().print(render(analysis))
         return 0
+
+
+def analyze_one(path: str, args, label: str = ""):
+    """One trace read and analysed; what the reader noticed goes to stderr."""
+    from kvprof.analysis import analyze
+
+    trace = read_while_loading_kernels(path)
+    try:
+        analysis = analyze(trace, window=args.window, predict=args.predict)
+    except KvprofError as exc:
+        raise with_warnings(exc, trace.warnings) from None
+    for warning in trace.warnings:
+        print(f"kvprof: warning: {label}{warning}", file=sys.stderr)
+    return analysis
+
+
+def analyze_deployment(args, paths: list[str]) -> int:
+    """``PATH`` named a data-parallel deployment: every replica's trace, then the whole."""
+    from kvprof.analysis import REPORT_VERSION
+    from kvprof.analysis.deployment import deployment
+
+    if args.html:
+        raise UsageError(f"--html takes one trace; {args.path} is a deployment of "
+                         f"{len(paths)} replica traces (give one of {', '.join(paths)})")
+    replicas = []
+    for index, path in enumerate(paths):
+        analysis = analyze_one(path, args, label=f"{os.path.basename(path)}: ")
+        rank = (analysis.run.get("data_parallel") or {}).get("rank", index)
+        replicas.append((int(rank), analysis))
+    dep = deployment(replicas)
+    if args.json:
+        import json
+
+        from kvprof.report.json_report import clean
+        report = {"report_version": REPORT_VERSION, "deployment": dep.to_dict(),
+                  "replicas": [a.to_dict() for _, a in replicas]}
+        print(json.dumps(clean(report), indent=2, allow_nan=False))
+    else:
+        from rich.console import Console
+        from kvprof.report.deployment_text import render
+        Console().print(render(args.path, dep))
+    return 0
 
 
 def with_warnings(exc: KvprofError, warnings: list[str]) -> KvprofError:
