@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvprof.analysis.latency import KINDS, Latency, summarize, weighted_summary
+from kvprof.analysis.latency import KINDS, Latency, summarised
 
 NS_PER_S = 1e9
 
@@ -92,11 +92,8 @@ def merged_latency(parts: list[Latency]) -> Latency:
     """The latency of all requests of all parts, exactly as if they were one trace."""
     per_request = {kind: np.concatenate([p.per_request_ms[kind] for p in parts])
                    for kind in KINDS if kind != "itl"}
-    summaries = {kind: summarize(v[~np.isnan(v)]) for kind, v in per_request.items()}
-    values = np.concatenate([p.itl_values_ms for p in parts])
-    counts = np.concatenate([p.itl_counts for p in parts])
-    return Latency(itl=weighted_summary(values, counts), per_request_ms=per_request,
-                   itl_values_ms=values, itl_counts=counts, **summaries)
+    return summarised(per_request, np.concatenate([p.itl_values_ms for p in parts]),
+                      np.concatenate([p.itl_counts for p in parts]))
 
 
 def _load(rank: int, a, span_s: float, finished: int, tokens_out: int) -> ReplicaLoad:

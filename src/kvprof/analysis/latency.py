@@ -107,8 +107,13 @@ def _span_ms(start: np.ndarray, end: np.ndarray) -> np.ndarray:
 def latency(req: Mapping[str, np.ndarray], itl_values_ns: np.ndarray,
             itl_counts: np.ndarray) -> Latency:
     """Summaries over the given (already chosen) finished requests and their ITL gaps."""
-    ms = per_request_ms(req)
-    summaries = {kind: summarize(v[~np.isnan(v)]) for kind, v in ms.items() if kind != "req"}
     itl_ms = np.asarray(itl_values_ns, np.float64) / NS_PER_MS
-    return Latency(itl=weighted_summary(itl_ms, itl_counts), per_request_ms=ms,
+    return summarised(per_request_ms(req), itl_ms, itl_counts)
+
+
+def summarised(per_request: dict[str, np.ndarray], itl_ms: np.ndarray, itl_counts) -> Latency:
+    """Summaries of per-request latencies (NaN: undefined) and of ITL values with counts."""
+    summaries = {kind: summarize(v[~np.isnan(v)]) for kind, v in per_request.items()
+                 if kind != "req"}
+    return Latency(itl=weighted_summary(itl_ms, itl_counts), per_request_ms=per_request,
                    itl_values_ms=itl_ms, itl_counts=np.asarray(itl_counts, np.int64), **summaries)

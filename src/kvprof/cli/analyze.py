@@ -57,8 +57,9 @@ class AnalyzeCommand:
     def run(self, args) -> int:
         from kvprof.format.reader import replica_traces
 
-        if not os.path.exists(args.path) and replica_traces(args.path):
-            return analyze_deployment(args, replica_traces(args.path))
+        replicas = [] if os.path.exists(args.path) else replica_traces(args.path)
+        if replicas:
+            return analyze_deployment(args, replicas)
         analysis = analyze_one(args.path, args)
         if args.html:
             write_html(analysis, args.html)
