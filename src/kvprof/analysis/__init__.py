@@ -1,7 +1,8 @@
 """The analyzer's facade: ``analyze(trace) -> Analysis``; ``Analysis.to_dict()`` is the JSON report.
 
 Pure: a ``kvprof.format.reader.Trace`` in, dataclasses and Arrow tables out, no
-printing. The one pass over request_steps runs in ``_kernels`` (numba); the
+printing. The one pass over request_steps runs in ``_kernels`` (numba, fed batch by
+batch from disk by ``replay``); the
 per-topic analyses (latency, throughput, batch, kv, memory, step_model) are plain
 NumPy on the results. Definitions and the JSON layout: docs/analyses.md.
 """
@@ -13,6 +14,7 @@ from functools import cached_property
 import numpy as np
 import pyarrow as pa
 
+from kvprof.analysis.arrays import arrow_column, arrow_table, columns as _columns, numpy_column  # noqa: F401
 from kvprof.analysis.batch import Batch, batch
 from kvprof.analysis.device import DeviceTime, device_time
 from kvprof.analysis.host import HostTime, host_time
@@ -21,18 +23,18 @@ from kvprof.analysis.latency import KINDS, Latency, latency
 from kvprof.analysis.memory import Memory, memory
 from kvprof.analysis.predict import Requests, StepModel, step_model
 from kvprof.analysis.ranks import Ranks, ranks
+from kvprof.analysis.request_pass import Replay, load_kernels, replay  # noqa: F401 (re-exported)
 from kvprof.analysis.step_model import step_samples
 from kvprof.analysis.throughput import Throughput, Tokens, throughput
 from kvprof.errors import TraceFormatError, UsageError
 
 REPORT_VERSION = "1.2"   # 1.1: host_time; 1.2: ranks
 NEEDED_TABLES = ("request_steps", "requests", "preemptions", "forward", "host_samples", "host_frames")
+STREAMED_TABLES = ("request_steps",)   # read batch by batch by the kernel, never whole
 NS_PER_S = 1e9
 _REQUEST_COLUMNS = ("req", "arrival_ns", "queued_ns", "first_scheduled_ns", "first_token_ns",
                     "finish_ns", "first_scheduled_step", "finish_step", "prompt_tokens",
                     "cached_prompt_tokens", "output_tokens")
-_ROW_DTYPES = {"step": np.int32, "req": np.int32, "phase": np.uint8, "tokens": np.int32,
-               "computed": np.int32}
 
 
 class EmptyTraceError(TraceFormatError):
@@ -181,146 +183,6 @@ def select_steps(schedule_start_ns: np.ndarray, window) -> np.ndarray:
 
 def _fmt(value) -> str:
     return "" if value is None else f"{value:g}"
-
-
-def _columns(table: pa.Table, names=None) -> dict[str, np.ndarray]:
-    return {name: numpy_column(table.column(name)) for name in names or table.column_names}
-
-
-def numpy_column(column: pa.ChunkedArray) -> np.ndarray:
-    """A writable NumPy copy of an integer column, straight from its buffers.
-
-    pyarrow's own ``to_numpy`` imports pandas (0.4 s here); nulls become NaN (float64)."""
-    typ = column.type
-    dtype = np.dtype(f"{'i' if pa.types.is_signed_integer(typ) else 'u'}{typ.bit_width // 8}")
-    parts = [_chunk_values(chunk, dtype) for chunk in column.chunks if len(chunk)]
-    if column.null_count:
-        return np.concatenate(parts or [np.empty(0)]).astype(np.float64, copy=False)
-    return np.concatenate(parts) if parts else np.empty(0, dtype)
-
-
-def _chunk_values(chunk: pa.Array, dtype: np.dtype) -> np.ndarray:
-    validity, data = chunk.buffers()[:2]
-    values = np.frombuffer(data, dtype, len(chunk), chunk.offset * dtype.itemsize)
-    if not chunk.null_count:
-        return values
-    bits = np.unpackbits(np.frombuffer(validity, np.uint8), bitorder="little")
-    return np.where(bits[chunk.offset:chunk.offset + len(chunk)].astype(bool), values, np.nan)
-
-
-def arrow_column(values: np.ndarray) -> pa.Array:
-    """A NumPy array as an Arrow array without pandas; NaN becomes null."""
-    values = np.ascontiguousarray(values)
-    validity = None
-    if values.dtype.kind == "f" and np.isnan(values).any():
-        validity = pa.py_buffer(np.packbits(~np.isnan(values), bitorder="little"))
-    typ = pa.from_numpy_dtype(values.dtype)
-    return pa.Array.from_buffers(typ, len(values), [validity, pa.py_buffer(values)])
-
-
-def arrow_table(columns: dict) -> pa.Table:
-    return pa.table({name: c if isinstance(c, (pa.Array, pa.ChunkedArray)) else arrow_column(c)
-                     for name, c in columns.items()})
-
-
-@dataclass
-class Replay:
-    """What the kernel's pass over request_steps gives back, per step (all steps) and per request."""
-
-    context: np.ndarray
-    emitted: np.ndarray
-    recomputed: np.ndarray
-    itl_values_ns: np.ndarray
-    itl_counts: np.ndarray
-    req_emitted: np.ndarray
-    req_seen: np.ndarray
-    decode_context: int
-    decode_rows: int
-
-
-def load_kernels():
-    """Import numba and load (or compile) the kernel on a tiny input, so that the first real
-    call pays nothing; the CLI runs this while another thread reads the trace."""
-    from kvprof.analysis import _kernels
-    tiny = {name: _readonly(np.zeros(1, dtype)) for name, dtype in _ROW_DTYPES.items()}
-    state = _kernels.new_state(1, 1, 1)
-    _kernels.replay_batch(*tiny.values(), 0, np.zeros(1, np.int64), np.zeros(1, np.uint8),
-                          np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64),
-                          np.zeros(1, np.uint8), *state)
-    return _kernels
-
-
-def replay(trace, steps: dict, requests: dict, in_window: np.ndarray, chosen: np.ndarray) -> Replay:
-    """Run the request-step kernel batch by batch, with dense per-request state."""
-    kernels = load_kernels()
-    rows = trace["request_steps"].select(list(_ROW_DTYPES))
-    step_min, lookup = _step_lookup(steps["step"], trace.path)
-    n_req = _request_count(requests["req"], rows.column("req"), trace.path)
-    prompt = np.full(n_req, -1, np.int64)
-    latency_req = np.zeros(n_req, np.uint8)
-    valid = requests["req"] >= 0
-    prompt[requests["req"][valid]] = requests["prompt_tokens"][valid]
-    delivered = np.full(n_req, np.iinfo(np.int64).max, np.int64)
-    finished = valid & (requests["finish_ns"] >= 0)
-    delivered[requests["req"][finished]] = requests["output_tokens"][finished]
-    latency_req[requests["req"][chosen & valid]] = 1
-    end_ns = np.ascontiguousarray(steps["t_update_end_ns"], np.int64)
-    window = in_window.astype(np.uint8)
-    per_step, per_req, other, totals = kernels.new_state(end_ns.size, n_req, rows.num_rows)
-    for record_batch in rows.to_batches():
-        if record_batch.num_rows:
-            kernels.replay_batch(*_batch_arrays(record_batch, trace.path), step_min, lookup, window,
-                                 end_ns, prompt, delivered, latency_req, per_step, per_req, other,
-                                 totals)
-    return _replay_result(kernels, per_step, per_req, other[:totals[kernels.TOTAL_OTHER_GAPS]],
-                          totals, end_ns)
-
-
-def _replay_result(k, per_step, per_req, other, totals, end_ns) -> Replay:
-    """ITL as (value, count) pairs: adjacent-step gaps counted per step, the rest one by one."""
-    next_gaps = per_step[:, k.STEP_NEXT_GAPS]
-    adjacent = np.flatnonzero(next_gaps[1:]) + 1
-    values = np.concatenate([end_ns[adjacent] - end_ns[adjacent - 1], other])
-    counts = np.concatenate([next_gaps[adjacent], np.ones(other.size, np.int64)])
-    return Replay(per_step[:, k.STEP_CONTEXT], per_step[:, k.STEP_EMITTED],
-                  per_step[:, k.STEP_RECOMPUTED], values, counts, per_req[:, k.REQ_EMITTED],
-                  per_req[:, k.REQ_SEEN],
-                  int(totals[k.TOTAL_DECODE_CONTEXT]), int(totals[k.TOTAL_DECODE_ROWS]))
-
-
-def _batch_arrays(batch: pa.RecordBatch, path: str) -> list[np.ndarray]:
-    """Zero-copy, read-only views of a batch's row columns (one kernel signature for all)."""
-    if any(column.null_count for column in batch.columns):
-        raise TraceFormatError(f"{path}: request_steps holds nulls in non-nullable columns "
-                               f"(corrupt trace?)")
-    return [_readonly(_chunk_values(batch.column(i), np.dtype(dtype)))
-            for i, dtype in enumerate(_ROW_DTYPES.values())]
-
-
-def _readonly(values: np.ndarray) -> np.ndarray:
-    values.setflags(write=False)
-    return values
-
-
-def _step_lookup(step_numbers: np.ndarray, path: str) -> tuple[int, np.ndarray]:
-    """Dense step number -> position table; refuses numbers too sparse to be a real trace."""
-    lo, hi = int(step_numbers.min()), int(step_numbers.max())
-    if hi - lo > 4 * step_numbers.size + 1024:
-        raise TraceFormatError(f"{path}: step numbers {lo}..{hi} for {step_numbers.size} steps "
-                               f"(corrupt trace?)")
-    lookup = np.full(hi - lo + 1, -1, np.int64)
-    lookup[step_numbers - lo] = np.arange(step_numbers.size)
-    return lo, lookup
-
-
-def _request_count(table_req: np.ndarray, row_req: pa.ChunkedArray, path: str) -> int:
-    """Size of the dense per-request state; refuses absurd request indices."""
-    row_top = max((int(_chunk_values(c, np.dtype(np.int32)).max())
-                   for c in row_req.chunks if len(c)), default=-1)
-    top = max(int(table_req.max(initial=-1)), row_top)
-    if top > 4 * (table_req.size + len(row_req)) + 1024:
-        raise TraceFormatError(f"{path}: request index {top} is out of range (corrupt trace?)")
-    return top + 1
 
 
 def _assemble(trace, window, predict, sel: Selection, requests, chosen, rp: Replay) -> Analysis:

@@ -20,18 +20,25 @@ REQ_EMITTED, REQ_LAST_POS, REQ_HIGH_WATER, REQ_SEEN = range(4)
 TOTAL_OTHER_GAPS, TOTAL_DECODE_CONTEXT, TOTAL_DECODE_ROWS = range(3)
 
 
-def new_state(n_steps: int, n_req: int, n_rows: int):
+def new_state(n_steps: int, n_req: int, other_capacity: int):
     """Zeroed (per-step, per-request, other gaps, totals) arrays for ``replay_batch``."""
+    return np.zeros((n_steps, 4), np.int64), new_requests(n_req), \
+        np.empty(max(other_capacity, 1), np.int64), np.zeros(3, np.int64)
+
+
+def new_requests(n_req: int) -> np.ndarray:
+    """Per-request state of ``n_req`` requests not seen yet."""
     per_req = np.zeros((n_req, 4), np.int64)
     per_req[:, REQ_LAST_POS] = -1
-    return np.zeros((n_steps, 4), np.int64), per_req, np.empty(max(n_rows, 1), np.int64), \
-        np.zeros(3, np.int64)
+    return per_req
 
 
 @njit(cache=True, nogil=True)
-def replay_batch(step, req, phase, tokens, computed, step_min, step_pos, in_window, step_end_ns,
-                 prompt, delivered, latency_req, per_step, per_req, other_gaps, totals):
-    """Replay one batch of request_steps rows (in step order), updating the state in place.
+def replay_batch(step, req, phase, tokens, computed, start, step_min, step_pos, in_window,
+                 step_end_ns, prompt, delivered, latency_req, per_step, per_req, other_gaps, totals):
+    """Replay rows ``start``.. of one batch of request_steps (in step order), updating the
+    state in place; returns the row it stopped at: the batch's length, or earlier when
+    ``other_gaps`` is full (the caller grows it and calls again from there).
 
     A row samples a token iff computed + tokens >= prompt + tokens its request sampled
     so far (a request of unknown prompt length, -1, samples on decode rows). Tokens
@@ -47,7 +54,10 @@ def replay_batch(step, req, phase, tokens, computed, step_min, step_pos, in_wind
     n_req = prompt.shape[0]
     n_lookup = step_pos.shape[0]
     n_other = totals[TOTAL_OTHER_GAPS]
-    for i in range(step.shape[0]):
+    for i in range(start, step.shape[0]):
+        if n_other == other_gaps.shape[0]:
+            totals[TOTAL_OTHER_GAPS] = n_other
+            return i
         k = step[i] - step_min
         if k < 0 or k >= n_lookup:
             continue
@@ -89,3 +99,4 @@ def replay_batch(step, req, phase, tokens, computed, step_min, step_pos, in_wind
         per_req[r, REQ_EMITTED] = emitted + 1
         per_req[r, REQ_LAST_POS] = s
     totals[TOTAL_OTHER_GAPS] = n_other
+    return step.shape[0]

@@ -124,14 +124,16 @@ def with_warnings(exc: KvprofError, warnings: list[str]) -> KvprofError:
 
 def read_while_loading_kernels(path: str):
     """Read the trace on a thread while numba loads the kernel here: both take about half a
-    second on a large trace, and Arrow's reading releases the GIL."""
+    second on a large trace, and Arrow's reading releases the GIL. request_steps, the
+    table that grows with every sequence of every step, stays on disk: the kernel reads
+    it batch by batch (docs/analyses.md, "Memory")."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from kvprof.analysis import NEEDED_TABLES, load_kernels
+    from kvprof.analysis import NEEDED_TABLES, STREAMED_TABLES, load_kernels
     from kvprof.format.reader import read_trace
 
     with ThreadPoolExecutor(max_workers=1) as pool:
-        reading = pool.submit(read_trace, path, NEEDED_TABLES)
+        reading = pool.submit(read_trace, path, NEEDED_TABLES, STREAMED_TABLES)
         load_kernels()
         # numba's tens of thousands of long-lived objects leave the cyclic collector's
         # sight: every later collection, and the one at interpreter exit (~0.4 s), skip them.

@@ -12,18 +12,17 @@ import os
 from dataclasses import dataclass, field
 
 import pyarrow as pa
-import pyarrow.ipc as ipc
 
-from kvprof.errors import NewerFormatError, TraceFormatError
+from kvprof.errors import TraceFormatError
 from kvprof.format import schema as S
+from kvprof.format.stream import TableStream, check_metadata, conform  # noqa: F401 (re-exported)
 
-_FILE_MAGIC = b"ARROW1"
-_STREAM_CONTINUATION = b"\xff\xff\xff\xff"
 
 
 @dataclass
 class Trace:
-    """A trace in memory: one Arrow table per kvprof table, plus what is known about it."""
+    """A trace: one Arrow table per kvprof table (in memory, or streamed from disk), plus
+    what is known about it."""
 
     path: str
     format_version: str
@@ -32,9 +31,29 @@ class Trace:
     end_records: dict[str, dict] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     truncated: bool = False
+    streams: dict[str, TableStream] = field(default_factory=dict)   # tables left on disk
 
     def __getitem__(self, table: str) -> pa.Table:
+        if table not in self.tables and table in self.streams:   # needed whole after all
+            self.tables[table] = self.streams[table].read_all()
+            self._checked_pass(table, self.tables[table].num_rows)
         return self.tables[table]
+
+    def batches(self, table: str, columns: tuple[str, ...] | None = None):
+        """The table's record batches holding ``columns``: read from disk one at a time
+        for a streamed table (its cut and row checks land in ``warnings`` at the end)."""
+        if table in self.tables:
+            chosen = self.tables[table].select(list(columns)) if columns else self.tables[table]
+            yield from chosen.to_batches()
+            return
+        stream = self.streams[table]
+        yield from stream.batches(columns)
+        self._checked_pass(table, stream.rows_read)
+
+    def _checked_pass(self, table: str, rows: int) -> None:
+        cut = self.streams[table].cut
+        notes = ([cut] if cut else []) + rows_cut(self, table, rows)
+        self.warnings.extend(note for note in notes if note not in self.warnings)
 
     @property
     def complete(self) -> bool:
@@ -52,8 +71,10 @@ class Trace:
         return total
 
 
-def read_trace(path: str, tables: tuple[str, ...] | None = None) -> Trace:
-    """Read the trace at ``path`` (the main file the user named)."""
+def read_trace(path: str, tables: tuple[str, ...] | None = None,
+               stream: tuple[str, ...] = ()) -> Trace:
+    """Read the trace at ``path`` (the main file the user named); the tables named in
+    ``stream`` stay on disk (their schema checked now), read batch by batch on demand."""
     path = os.fspath(path)
     warnings: list[str] = []
     _refuse_replica_set(path)
@@ -61,21 +82,23 @@ def read_trace(path: str, tables: tuple[str, ...] | None = None) -> Trace:
     version = meta.get(S.META_FORMAT, b"").decode()
     run = _checked_run(_run_metadata(meta, path), warnings)
     wanted = tables or tuple(t for t in S.TABLES if t != "steps")
-    loaded = {"steps": steps}
+    loaded, streams = {"steps": steps}, {}
     parts = path + S.PARTS_SUFFIX
     for table in wanted:
         if table == "forward":
             loaded["forward"], run["workers"] = _read_forward(parts, warnings)
         elif table != "steps":
             part = os.path.join(parts, S.PART_FILES[table])
-            if os.path.exists(part) and os.path.getsize(part) > 0:
+            if os.path.exists(part) and os.path.getsize(part) > 0 and table in stream:
+                streams[table] = TableStream(part, table).checked()
+            elif os.path.exists(part) and os.path.getsize(part) > 0:
                 loaded[table] = read_stream(part, table, warnings)[0]
             elif table in S.OPTIONAL_TABLES:   # an older minor version, or not recorded
                 loaded[table] = empty_table(table)
             else:
                 warnings.append(f"{table}: missing or empty part file ({part})")
                 loaded[table] = empty_table(table)
-    trace = Trace(path, version, run, loaded, _end_records(parts), warnings)
+    trace = Trace(path, version, run, loaded, _end_records(parts), warnings, streams=streams)
     if not trace.end_records.get("engine_core"):
         warnings.append("the trace has no end record: the engine stopped before tracing "
                         "did (crash or kill); read up to the last flushed batch")
@@ -92,15 +115,8 @@ def read_trace(path: str, tables: tuple[str, ...] | None = None) -> Trace:
 
 def _check_rows_written(trace: Trace) -> None:
     """A file cut exactly between batches reads cleanly: the end records tell."""
-    written: dict[str, int] = {}
-    for end in trace.end_records.values():
-        for table, rows in row_counts(end.get("rows_written")).items():
-            written[table] = written.get(table, 0) + rows
-    for table, rows in written.items():
-        if table in trace.tables and trace.tables[table].num_rows < rows:
-            trace.truncated = True
-            trace.warnings.append(f"{table}: {trace.tables[table].num_rows} rows on disk, "
-                                  f"{rows} written: the file was cut")
+    for table, tbl in trace.tables.items():
+        trace.warnings.extend(rows_cut(trace, table, tbl.num_rows))
     forward = trace.tables.get("forward")
     if forward is not None and forward.num_rows:
         ranks = set(forward.column("rank").to_pylist())
@@ -108,6 +124,17 @@ def _check_rows_written(trace: Trace) -> None:
         if missing:
             trace.truncated = True
             trace.warnings.append(f"no end record from worker(s) {missing}: their last rows may be lost")
+
+
+def rows_cut(trace: Trace, table: str, rows_on_disk: int) -> list[str]:
+    """[a warning] when the writers' end records wrote more rows of ``table`` than are on
+    disk (also marks the trace truncated); [] otherwise."""
+    written = sum(row_counts(end.get("rows_written")).get(table, 0)
+                  for end in trace.end_records.values())
+    if rows_on_disk >= written:
+        return []
+    trace.truncated = True
+    return [f"{table}: {rows_on_disk} rows on disk, {written} written: the file was cut"]
 
 
 def replica_traces(path: str) -> list[str]:
@@ -132,118 +159,12 @@ def _refuse_replica_set(path: str) -> None:
 
 
 def read_stream(path: str, table: str, warnings: list[str]) -> tuple[pa.Table, dict]:
-    """One kvprof stream: checked against the schema, salvaged up to a cut."""
-    data = _read_bytes(path)
-    reader = _open(data, path)
-    meta = dict(reader.schema.metadata or {})
-    check_metadata(meta, path, table)
-    batches = []
-    try:
-        for batch in reader:
-            batch.validate(full=True)
-            batches.append(batch)
-    except (pa.ArrowException, OSError) as exc:
-        warnings.append(f"{os.path.basename(path)}: cut after {len(batches)} complete batches ({_first_line(exc)})")
-    try:
-        result = pa.Table.from_batches(batches, schema=reader.schema) if batches else \
-            reader.schema.empty_table()
-        return conform(result, table, path), meta
-    except (pa.ArrowException, UnicodeDecodeError) as exc:
-        raise TraceFormatError(f"{path}: unreadable table {table} ({_first_line(exc)})") from None
-
-
-def _read_bytes(path: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise TraceFormatError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise TraceFormatError(f"{path}: is a folder, not a trace file") from None
-    except OSError as exc:
-        raise TraceFormatError(f"{path}: cannot read ({exc.strerror})") from None
-    if not data:
-        raise TraceFormatError(f"{path}: empty file")
-    return data
-
-
-def _open(data: bytes, path: str):
-    """An IPC stream, or an IPC file (read as the stream after its 8-byte preamble)."""
-    buf = pa.py_buffer(data)
-    if data[:6] == _FILE_MAGIC:
-        try:
-            return _FileBatches(ipc.open_file(buf))
-        except (pa.ArrowException, OSError):
-            buf = pa.py_buffer(data[8:])
-    elif not data.startswith(_STREAM_CONTINUATION):
-        raise TraceFormatError(f"{path}: not an Arrow IPC file ({_describe(data)})")
-    try:
-        reader = ipc.open_stream(buf)
-    except (pa.ArrowException, OSError) as exc:
-        raise TraceFormatError(f"{path}: unreadable Arrow stream ({_first_line(exc)})") from None
-    return _StreamBatches(reader)
-
-
-class _StreamBatches:
-    """Uniform iteration over stream and file readers."""
-
-    def __init__(self, reader):
-        self.reader = reader
-        self.schema = reader.schema
-
-    def __iter__(self):
-        while True:
-            try:
-                yield self.reader.read_next_batch()
-            except StopIteration:
-                return
-
-
-class _FileBatches:
-    def __init__(self, reader):
-        self.reader = reader
-        self.schema = reader.schema
-
-    def __iter__(self):
-        for i in range(self.reader.num_record_batches):
-            yield self.reader.get_batch(i)
-
-
-def check_metadata(meta: dict, path: str, table: str) -> None:
-    version = meta.get(S.META_FORMAT)
-    if version is None:
-        raise TraceFormatError(f"{path}: an Arrow file, but not a kvprof trace (no format version)")
-    try:
-        major = int(version.decode().split(".")[0])
-    except (ValueError, UnicodeDecodeError):
-        raise TraceFormatError(f"{path}: bad kvprof format version {version!r}") from None
-    if major > S.FORMAT_MAJOR:
-        raise NewerFormatError(
-            f"{path}: written by kvprof format {version.decode(errors='replace')}, newer than this reader "
-            f"({S.FORMAT_VERSION}); upgrade kvprof to read it")
-    found = meta.get(S.META_TABLE, b"").decode("utf-8", "replace")
-    if found != table:
-        raise TraceFormatError(f"{path}: holds kvprof table {found!r}, expected {table!r}")
-
-
-def conform(tbl: pa.Table, table: str, path: str) -> pa.Table:
-    """Columns in schema order with the schema's types; extra (newer minor) columns dropped."""
-    columns = []
-    for f in S.TABLES[table]:
-        if f.name not in tbl.column_names:
-            if f.name in S.ADDED_COLUMNS.get(table, {}):   # an older minor version: null
-                columns.append(pa.nulls(tbl.num_rows, f.type))
-                continue
-            raise TraceFormatError(f"{path}: column {table}.{f.name} is missing")
-        col = tbl.column(f.name)
-        if col.type != f.type:
-            raise TraceFormatError(
-                f"{path}: column {table}.{f.name} has type {col.type}, expected {f.type}")
-        if col.null_count and not f.nullable:
-            raise TraceFormatError(
-                f"{path}: column {table}.{f.name} has nulls ({col.null_count} of {len(col)} rows)")
-        columns.append(col)
-    return pa.Table.from_arrays(columns, schema=pa.schema(S.TABLES[table]))
+    """One kvprof stream in memory: checked against the schema, salvaged up to a cut."""
+    stream = TableStream(path, table)
+    result = stream.read_all()
+    if stream.cut:
+        warnings.append(stream.cut)
+    return result, stream.metadata
 
 
 def empty_table(table: str) -> pa.Table:
@@ -323,16 +244,3 @@ def _checked_run(run: dict, warnings: list[str]) -> dict:
                 warnings.append(f"run metadata: {key}.{name} = {value!r} is not a count; ignored")
                 del section[name]
     return run
-
-
-def _describe(data: bytes) -> str:
-    if data[:4] == b"PAR1":
-        return "it is a Parquet file"
-    if all(32 <= c < 127 or c in (9, 10, 13) for c in data[:256]):
-        return "it looks like text"
-    return "unknown binary content"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

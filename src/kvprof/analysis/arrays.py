@@ -1,0 +1,46 @@
+"""Arrow <-> NumPy without pandas: the analyzer's columns are plain integer arrays."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+
+def columns(table: pa.Table, names=None) -> dict[str, np.ndarray]:
+    """Writable NumPy copies of a table's (integer) columns, by name."""
+    return {name: numpy_column(table.column(name)) for name in names or table.column_names}
+
+
+def numpy_column(column: pa.ChunkedArray) -> np.ndarray:
+    """A writable NumPy copy of an integer column, straight from its buffers.
+
+    pyarrow's own ``to_numpy`` imports pandas (0.4 s here); nulls become NaN (float64)."""
+    typ = column.type
+    dtype = np.dtype(f"{'i' if pa.types.is_signed_integer(typ) else 'u'}{typ.bit_width // 8}")
+    parts = [chunk_values(chunk, dtype) for chunk in column.chunks if len(chunk)]
+    if column.null_count:
+        return np.concatenate(parts or [np.empty(0)]).astype(np.float64, copy=False)
+    return np.concatenate(parts) if parts else np.empty(0, dtype)
+
+
+def chunk_values(chunk: pa.Array, dtype: np.dtype) -> np.ndarray:
+    validity, data = chunk.buffers()[:2]
+    values = np.frombuffer(data, dtype, len(chunk), chunk.offset * dtype.itemsize)
+    if not chunk.null_count:
+        return values
+    bits = np.unpackbits(np.frombuffer(validity, np.uint8), bitorder="little")
+    return np.where(bits[chunk.offset:chunk.offset + len(chunk)].astype(bool), values, np.nan)
+
+
+def arrow_column(values: np.ndarray) -> pa.Array:
+    """A NumPy array as an Arrow array without pandas; NaN becomes null."""
+    values = np.ascontiguousarray(values)
+    validity = None
+    if values.dtype.kind == "f" and np.isnan(values).any():
+        validity = pa.py_buffer(np.packbits(~np.isnan(values), bitorder="little"))
+    typ = pa.from_numpy_dtype(values.dtype)
+    return pa.Array.from_buffers(typ, len(values), [validity, pa.py_buffer(values)])
+
+
+def arrow_table(columns: dict) -> pa.Table:
+    return pa.table({name: c if isinstance(c, (pa.Array, pa.ChunkedArray)) else arrow_column(c)
+                     for name, c in columns.items()})
