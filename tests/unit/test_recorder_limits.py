@@ -125,6 +125,13 @@ def stall(writer) -> tuple[threading.Event, threading.Event]:
     return entered, release
 
 
+def drained_by(writer, deadline: float) -> None:
+    """Wait (no step runs meanwhile, so nothing more is dropped) until the queue is empty."""
+    while writer._queue.qsize():
+        assert time.monotonic() < deadline, "the writer's queue did not drain"
+        time.sleep(0.01)
+
+
 def run_steps(engine: Counting, n: int) -> None:
     """Steps on their own thread: if a hook blocked on the writer, join() would time out."""
     steps = threading.Thread(target=lambda: [engine.step() for _ in range(n)], daemon=True)
@@ -150,9 +157,8 @@ def test_a_stalled_writer_never_blocks_steps_and_drops_are_counted(tmp_path):
     assert all(idx < rec.req_steps.accepted_seen for idx in finished_held)
     assert len(rec.req_index) < 200
     release.set()
-    while writer._queue.qsize():     # the disk is back: the queue drains, the next batches go in
-        run_steps(engine, 1)
-    run_steps(engine, FLUSH_ROWS // BATCH)
+    drained_by(writer, time.monotonic() + 300)   # the disk is back: the queue drains by itself
+    run_steps(engine, FLUSH_ROWS // BATCH)       # and the next batches go in, none dropped
     end = engine.close()
     assert end["cut_short"] is None        # the writer closed cleanly, with rows dropped
     assert end["rows_dropped"] == dropped

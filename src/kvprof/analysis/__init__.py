@@ -14,7 +14,8 @@ from functools import cached_property
 import numpy as np
 import pyarrow as pa
 
-from kvprof.analysis.arrays import arrow_column, arrow_table, columns as _columns, numpy_column  # noqa: F401
+from kvprof.analysis.arrays import (arrow_column, arrow_table, batch_columns,  # noqa: F401
+                                   columns as _columns, numpy_column)
 from kvprof.analysis.batch import Batch, batch
 from kvprof.analysis.device import DeviceTime, device_time
 from kvprof.analysis.host import HostTime, host_time
@@ -27,10 +28,12 @@ from kvprof.analysis.request_pass import Replay, load_kernels, replay  # noqa: F
 from kvprof.analysis.step_model import step_samples
 from kvprof.analysis.throughput import Throughput, Tokens, throughput
 from kvprof.errors import TraceFormatError, UsageError
+from kvprof.format import schema as S
 
 REPORT_VERSION = "1.2"   # 1.1: host_time; 1.2: ranks
 NEEDED_TABLES = ("request_steps", "requests", "preemptions", "forward", "host_samples", "host_frames")
-STREAMED_TABLES = ("request_steps",)   # read batch by batch by the kernel, never whole
+STREAMED_TABLES = ("steps", "request_steps")   # read batch by batch, never whole in Arrow
+STEP_COLUMNS = tuple(f.name for f in S.STEPS)
 NS_PER_S = 1e9
 _REQUEST_COLUMNS = ("req", "arrival_ns", "queued_ns", "first_scheduled_ns", "first_token_ns",
                     "finish_ns", "first_scheduled_step", "finish_step", "prompt_tokens",
@@ -117,7 +120,7 @@ class Selection:
 def analyze(trace, window: tuple[float | None, float | None] | None = None,
             predict: tuple = ()) -> Analysis:
     """Analyse ``trace``; ``window`` = (start, end) seconds from the trace start, end excluded."""
-    steps = _columns(trace["steps"])
+    steps = batch_columns(trace.batches("steps"), STEP_COLUMNS)
     if steps["step"].size == 0:
         raise EmptyTraceError(f"{trace.path}: the trace holds no steps (empty trace)")
     check_step_order(steps, trace.path)
@@ -151,7 +154,7 @@ def check_step_order(steps: dict, path: str) -> None:
 
 def _selection(steps: dict, window) -> Selection:
     mask = select_steps(steps["t_schedule_start_ns"], window)
-    sel = {name: col[mask] for name, col in steps.items()}
+    sel = {name: col[mask] for name, col in steps.items()} if window else steps
     step_range = (int(sel["step"].min()), int(sel["step"].max())) if window else None
     return Selection(sel, mask, step_range, int(steps["t_schedule_start_ns"][0]),
                      (int(sel["t_schedule_start_ns"][0]), int(sel["t_update_end_ns"][-1])))

@@ -10,6 +10,20 @@ def columns(table: pa.Table, names=None) -> dict[str, np.ndarray]:
     return {name: numpy_column(table.column(name)) for name in names or table.column_names}
 
 
+def batch_columns(batches, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Writable NumPy columns from record batches read one at a time: each batch's values
+    are copied out and the batch let go, so the table is never in memory twice."""
+    chunks: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for batch in batches:
+        for name in names:
+            chunks[name].append(numpy_column(pa.chunked_array([batch.column(name)])))
+    out = {}
+    for name in names:
+        parts = chunks.pop(name)
+        out[name] = np.concatenate(parts) if parts else np.empty(0, np.int64)
+    return out
+
+
 def numpy_column(column: pa.ChunkedArray) -> np.ndarray:
     """A writable NumPy copy of an integer column, straight from its buffers.
 

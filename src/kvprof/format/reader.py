@@ -52,8 +52,10 @@ class Trace:
 
     def _checked_pass(self, table: str, rows: int) -> None:
         cut = self.streams[table].cut
-        notes = ([cut] if cut else []) + rows_cut(self, table, rows)
-        self.warnings.extend(note for note in notes if note not in self.warnings)
+        notes = [n for n in ([cut] if cut else []) + rows_cut(self, table, rows)
+                 if n not in self.warnings]
+        at = 0 if table == "steps" else len(self.warnings)   # the main file's news first
+        self.warnings[at:at] = notes
 
     @property
     def complete(self) -> bool:
@@ -78,11 +80,15 @@ def read_trace(path: str, tables: tuple[str, ...] | None = None,
     path = os.fspath(path)
     warnings: list[str] = []
     _refuse_replica_set(path)
-    steps, meta = read_stream(path, "steps", warnings)
+    loaded, streams = {}, {}
+    if "steps" in stream:
+        streams["steps"] = TableStream(path, "steps").checked()
+        meta = streams["steps"].metadata
+    else:
+        loaded["steps"], meta = read_stream(path, "steps", warnings)
     version = meta.get(S.META_FORMAT, b"").decode()
     run = _checked_run(_run_metadata(meta, path), warnings)
     wanted = tables or tuple(t for t in S.TABLES if t != "steps")
-    loaded, streams = {"steps": steps}, {}
     parts = path + S.PARTS_SUFFIX
     for table in wanted:
         if table == "forward":

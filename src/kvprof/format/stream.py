@@ -78,7 +78,7 @@ class TableStream:
 
 def conformed_batch(batch: pa.RecordBatch, table: str, path: str, columns=None) -> pa.RecordBatch:
     """A batch in the schema's columns and types (see ``reader.conform``), keeping ``columns``."""
-    tbl = _conformed(pa.Table.from_batches([batch]), table, path)
+    tbl = _conformed(pa.Table.from_batches([batch]), table, path, " of a record batch")
     if columns:
         tbl = tbl.select(list(columns))
     return tbl.combine_chunks().to_batches()[0] if tbl.num_rows else \
@@ -102,7 +102,7 @@ def check_metadata(meta: dict, path: str, table: str) -> None:
         raise TraceFormatError(f"{path}: holds kvprof table {found!r}, expected {table!r}")
 
 
-def conform(tbl: pa.Table, table: str, path: str) -> pa.Table:
+def conform(tbl: pa.Table, table: str, path: str, where: str = "") -> pa.Table:
     """Columns in schema order with the schema's types; extra (newer minor) columns dropped."""
     columns = []
     for f in S.TABLES[table]:
@@ -117,14 +117,14 @@ def conform(tbl: pa.Table, table: str, path: str) -> pa.Table:
                 f"{path}: column {table}.{f.name} has type {col.type}, expected {f.type}")
         if col.null_count and not f.nullable:
             raise TraceFormatError(
-                f"{path}: column {table}.{f.name} has nulls ({col.null_count} of {len(col)} rows)")
+                f"{path}: column {table}.{f.name} has nulls ({col.null_count} of {len(col)} rows{where})")
         columns.append(col)
     return pa.Table.from_arrays(columns, schema=pa.schema(S.TABLES[table]))
 
 
-def _conformed(tbl: pa.Table, table: str, path: str) -> pa.Table:
+def _conformed(tbl: pa.Table, table: str, path: str, where: str = "") -> pa.Table:
     try:
-        return conform(tbl, table, path)
+        return conform(tbl, table, path, where)
     except (pa.ArrowException, UnicodeDecodeError) as exc:
         raise TraceFormatError(f"{path}: unreadable table {table} ({first_line(exc)})") from None
 
