@@ -211,13 +211,18 @@ def bootstrap(x: np.ndarray, y: np.ndarray, draws: int, seed: int) -> np.ndarray
     scale = np.abs(x).max(axis=0)
     scale[scale == 0] = 1.0
     xs = x / scale
-    gram = np.concatenate([np.zeros((1, p, p)), np.cumsum(xs[:, :, None] * xs[:, None, :], axis=0)])
+    upper = np.triu_indices(p)            # xᵀx is symmetric: prefix sums of its upper half
+    gram = np.zeros((n + 1, upper[0].size))
+    for k, (i, j) in enumerate(zip(*upper)):
+        np.cumsum(xs[:, i] * xs[:, j], out=gram[1:, k])
     cross = np.concatenate([np.zeros((1, p)), np.cumsum(xs * y[:, None], axis=0)])
     rng = np.random.default_rng(seed)
     out = np.empty((draws, p))
+    g = np.empty((p, p))
     for d in range(draws):
         starts = rng.integers(0, n - block + 1, size=-(-n // block))
-        g = (gram[starts + block] - gram[starts]).sum(axis=0)
+        g[upper] = (gram[starts + block] - gram[starts]).sum(axis=0)
+        g.T[upper] = g[upper]
         h = (cross[starts + block] - cross[starts]).sum(axis=0)
         out[d] = solve_normal(g, h) / scale
     return out
