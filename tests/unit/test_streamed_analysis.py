@@ -157,3 +157,23 @@ def test_read_ahead_passes_the_producers_error_on():
         for item in read_ahead(failing()):
             seen.append(item)
     assert seen == [1]
+
+
+def test_forward_files_of_two_ranks_stream_like_they_read(tmp_path):
+    """Worker rank 1's file cut and its end record gone: the same report, warnings and
+    truncation whether the forward files are read whole or streamed one after the other."""
+    path = tmp_path / "t.arrow"
+    build(path, mixed_specs(20, 8), batch_rows=5, ranks=2,
+          late=lambda step, rank: 40_000 * rank * (step % 3))
+    parts = Path(str(path) + S.PARTS_SUFFIX)
+    (parts / "end-worker-1.json").unlink()
+    data = (parts / "forward-1.arrow").read_bytes()
+    (parts / "forward-1.arrow").write_bytes(data[:message_ends(data)[4] + 7])
+    memory_trace, stream_trace = in_memory(path), streamed(path)
+    expected = render(analyze(memory_trace))
+    assert render(analyze(stream_trace)) == expected
+    assert "forward" not in stream_trace.tables
+    assert sorted(stream_trace.warnings) == sorted(memory_trace.warnings)
+    assert any("no end record from worker(s) [1]" in w for w in stream_trace.warnings)
+    assert any("forward-1.arrow: cut after" in w for w in stream_trace.warnings)
+    assert stream_trace.truncated and memory_trace.truncated

@@ -32,8 +32,9 @@ from kvprof.format import schema as S
 
 REPORT_VERSION = "1.2"   # 1.1: host_time; 1.2: ranks
 NEEDED_TABLES = ("request_steps", "requests", "preemptions", "forward", "host_samples", "host_frames")
-STREAMED_TABLES = ("steps", "request_steps")   # read batch by batch, never whole in Arrow
+STREAMED_TABLES = ("steps", "request_steps", "forward")   # read batch by batch, never whole in Arrow
 STEP_COLUMNS = tuple(f.name for f in S.STEPS)
+FORWARD_COLUMNS = tuple(f.name for f in S.TABLES["forward"])
 NS_PER_S = 1e9
 _REQUEST_COLUMNS = ("req", "arrival_ns", "queued_ns", "first_scheduled_ns", "first_token_ns",
                     "finish_ns", "first_scheduled_step", "finish_step", "prompt_tokens",
@@ -199,7 +200,7 @@ def _assemble(trace, window, predict, sel: Selection, requests, chosen, rp: Repl
     done = {name: col[chosen] for name, col in requests.items()}
     kv_result = kv(st, run_kv, tokens.input, tokens.cached_input, int(rp.recomputed[mask].sum()))
     batch_result = batch(st, engine)
-    forward = _columns(trace["forward"])
+    forward = batch_columns(trace.batches("forward"), FORWARD_COLUMNS)
     seen, n_done = int(rp.req_seen.sum()), int(chosen.sum())
     return Analysis(
         path=trace.path, format_version=trace.format_version, window_s=_window_bounds(window),
@@ -214,13 +215,13 @@ def _assemble(trace, window, predict, sel: Selection, requests, chosen, rp: Repl
         device_time=device_time(forward, sel.step_range), ranks=ranks(forward, sel.step_range),
         timeline=_timeline(sel, rp), all_request_ids=trace["requests"].column("request_id"),
         finished_rows=chosen, run=trace.run, warnings=list(trace.warnings),
-        host_time=_host_time(trace, sel), span_ns=sel.span_ns)
+        host_time=_host_time(trace, sel, forward), span_ns=sel.span_ns)
 
 
-def _host_time(trace, sel: Selection) -> HostTime | None:
+def _host_time(trace, sel: Selection, forward: dict) -> HostTime | None:
     if "host_samples" not in trace.tables or "host_frames" not in trace.tables:
         return None
-    forward = _columns(trace["forward"], ("step", "rank", "t_start_ns", "t_end_ns"))
+    forward = {name: forward[name] for name in ("step", "rank", "t_start_ns", "t_end_ns")}
     if sel.step_range is not None:
         lo, hi = sel.step_range
         keep = (forward["step"] >= lo) & (forward["step"] <= hi)

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from kvprof.errors import TraceFormatError
 from kvprof.format import schema as S
-from kvprof.format.stream import TableStream, check_metadata, conform  # noqa: F401 (re-exported)
+from kvprof.format.stream import ChainedStream, TableStream, check_metadata, conform  # noqa: F401 (re-exported)
 
 
 
@@ -51,9 +51,12 @@ class Trace:
         self._checked_pass(table, stream.rows_read)
 
     def _checked_pass(self, table: str, rows: int) -> None:
-        cut = self.streams[table].cut
-        notes = [n for n in ([cut] if cut else []) + rows_cut(self, table, rows)
-                 if n not in self.warnings]
+        stream = self.streams[table]
+        notes = stream.cuts + rows_cut(self, table, rows)
+        if table == "forward":
+            ranks = [_rank_of(s.path) for s in stream.streams if s.rows_read]
+            notes += workers_without_end(self, [r for r in ranks if r is not None])
+        notes = [n for n in notes if n not in self.warnings]
         at = 0 if table == "steps" else len(self.warnings)   # the main file's news first
         self.warnings[at:at] = notes
 
@@ -92,7 +95,8 @@ def read_trace(path: str, tables: tuple[str, ...] | None = None,
     parts = path + S.PARTS_SUFFIX
     for table in wanted:
         if table == "forward":
-            loaded["forward"], run["workers"] = _read_forward(parts, warnings)
+            forward, run["workers"] = _read_forward(parts, warnings, "forward" in stream)
+            (streams if isinstance(forward, ChainedStream) else loaded)["forward"] = forward
         elif table != "steps":
             part = os.path.join(parts, S.PART_FILES[table])
             if os.path.exists(part) and os.path.getsize(part) > 0 and table in stream:
@@ -125,11 +129,23 @@ def _check_rows_written(trace: Trace) -> None:
         trace.warnings.extend(rows_cut(trace, table, tbl.num_rows))
     forward = trace.tables.get("forward")
     if forward is not None and forward.num_rows:
-        ranks = set(forward.column("rank").to_pylist())
-        missing = sorted(r for r in ranks if f"worker-{r}" not in trace.end_records)
-        if missing:
-            trace.truncated = True
-            trace.warnings.append(f"no end record from worker(s) {missing}: their last rows may be lost")
+        trace.warnings.extend(workers_without_end(trace, forward.column("rank").to_pylist()))
+
+
+def workers_without_end(trace: Trace, ranks) -> list[str]:
+    """[a warning] when a rank that wrote forward rows has no end record (marks the trace
+    truncated); [] otherwise."""
+    missing = sorted(r for r in set(ranks) if f"worker-{r}" not in trace.end_records)
+    if not missing:
+        return []
+    trace.truncated = True
+    return [f"no end record from worker(s) {missing}: their last rows may be lost"]
+
+
+def _rank_of(path: str) -> int | None:
+    """The rank a worker's forward file is named after (``forward-<rank>.arrow``)."""
+    rank = os.path.basename(path).removeprefix("forward-").removesuffix(".arrow")
+    return int(rank) if rank.isdigit() else None
 
 
 def rows_cut(trace: Trace, table: str, rows_on_disk: int) -> list[str]:
@@ -177,26 +193,33 @@ def empty_table(table: str) -> pa.Table:
     return pa.schema(S.TABLES[table]).empty_table()
 
 
-def _read_forward(parts: str, warnings: list[str]) -> tuple[pa.Table, list[dict]]:
-    """All workers' forward rows, and each worker's run metadata (weights, device)."""
+def _read_forward(parts: str, warnings: list[str], stream: bool = False):
+    """All workers' forward rows (a table, or a ChainedStream left on disk), and each
+    worker's run metadata (weights, device)."""
     files = [f for f in sorted(glob.glob(os.path.join(parts, "forward-*.arrow")))
              if os.path.getsize(f) > 0]
     if not files:
         return empty_table("forward"), []
-    streams = [read_stream(f, "forward", warnings) for f in files]
-    workers = []
-    for file, (_, meta) in zip(files, streams):
-        try:
-            worker = _run_metadata(meta, file).get("worker") or {}
-        except TraceFormatError as exc:
-            warnings.append(str(exc))
-            continue
-        if isinstance(worker, dict):
-            workers.append({k: v for k, v in worker.items()
-                            if not k.endswith("_bytes") or (isinstance(v, int) and v >= 0)})
-        else:
-            warnings.append(f"{file}: worker metadata is not a JSON object; ignored")
-    return pa.concat_tables([table for table, _ in streams]), workers
+    if stream:
+        streams = [TableStream(f, "forward").checked() for f in files]
+        tables, metas = ChainedStream(streams), [s.metadata for s in streams]
+    else:
+        read = [read_stream(f, "forward", warnings) for f in files]
+        tables, metas = pa.concat_tables([t for t, _ in read]), [m for _, m in read]
+    return tables, [w for file, meta in zip(files, metas)
+                    if (w := _worker_metadata(file, meta, warnings)) is not None]
+
+
+def _worker_metadata(file: str, meta: dict, warnings: list[str]) -> dict | None:
+    try:
+        worker = _run_metadata(meta, file).get("worker") or {}
+    except TraceFormatError as exc:
+        warnings.append(str(exc))
+        return None
+    if not isinstance(worker, dict):
+        warnings.append(f"{file}: worker metadata is not a JSON object; ignored")
+        return None
+    return {k: v for k, v in worker.items() if not k.endswith("_bytes") or (isinstance(v, int) and v >= 0)}
 
 
 def _end_records(parts: str) -> dict[str, dict]:

@@ -48,6 +48,10 @@ class TableStream:
         for batch in self._raw_batches():
             yield conformed_batch(batch, self.table, self.path, columns)
 
+    @property
+    def cuts(self) -> list[str]:
+        return [self.cut] if self.cut else []
+
     def read_all(self) -> pa.Table:
         """The whole table in memory (for the analyses that need every row at once)."""
         batches = list(self._raw_batches())
@@ -74,6 +78,29 @@ class TableStream:
         check_metadata(self.metadata, self.path, self.table)
         _conformed(reader.schema.empty_table(), self.table, self.path)   # columns and types
         return reader
+
+
+class ChainedStream:
+    """One table written as several files (the forward table: one per worker rank), read
+    as one stream, file after file."""
+
+    def __init__(self, streams: list[TableStream]):
+        self.streams = streams
+
+    def batches(self, columns: tuple[str, ...] | None = None) -> Iterator[pa.RecordBatch]:
+        for stream in self.streams:
+            yield from stream.batches(columns)
+
+    @property
+    def rows_read(self) -> int:
+        return sum(stream.rows_read or 0 for stream in self.streams)
+
+    @property
+    def cuts(self) -> list[str]:
+        return [cut for stream in self.streams for cut in stream.cuts]
+
+    def read_all(self) -> pa.Table:
+        return pa.concat_tables([stream.read_all() for stream in self.streams])
 
 
 def conformed_batch(batch: pa.RecordBatch, table: str, path: str, columns=None) -> pa.RecordBatch:
