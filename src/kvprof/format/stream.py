@@ -45,7 +45,7 @@ class TableStream:
     def batches(self, columns: tuple[str, ...] | None = None) -> Iterator[pa.RecordBatch]:
         """The complete, valid record batches in order, holding ``columns`` (default: all),
         each conformed to the schema. A cut file ends the iteration early and sets ``cut``."""
-        for batch in self._raw_batches():
+        for batch in self._raw_batches(columns):
             yield conformed_batch(batch, self.table, self.path, columns)
 
     @property
@@ -62,10 +62,16 @@ class TableStream:
                                    f"({first_line(exc)})") from None
         return _conformed(whole, self.table, self.path)
 
-    def _raw_batches(self) -> Iterator[pa.RecordBatch]:
+    def _raw_batches(self, columns: tuple[str, ...] | None = None) -> Iterator[pa.RecordBatch]:
+        """The file's batches; with ``columns``, only those are decoded (decompressed)."""
         rows = 0
         with _open_file(self.path) as source:
             reader = self._open_checked(source)
+            if columns:
+                names = reader.schema.names
+                fields = sorted(names.index(c) for c in set(columns) if c in names)
+                source.seek(0)
+                reader = _open(source, self.path, ipc.IpcReadOptions(included_fields=fields))
             for batch in _valid_batches(reader, self):
                 rows += batch.num_rows
                 yield batch
@@ -105,7 +111,7 @@ class ChainedStream:
 
 def conformed_batch(batch: pa.RecordBatch, table: str, path: str, columns=None) -> pa.RecordBatch:
     """A batch in the schema's columns and types (see ``reader.conform``), keeping ``columns``."""
-    tbl = _conformed(pa.Table.from_batches([batch]), table, path, " of a record batch")
+    tbl = _conformed(pa.Table.from_batches([batch]), table, path, " of a record batch", columns)
     if columns:
         tbl = tbl.select(list(columns))
     return tbl.combine_chunks().to_batches()[0] if tbl.num_rows else \
@@ -129,10 +135,12 @@ def check_metadata(meta: dict, path: str, table: str) -> None:
         raise TraceFormatError(f"{path}: holds kvprof table {found!r}, expected {table!r}")
 
 
-def conform(tbl: pa.Table, table: str, path: str, where: str = "") -> pa.Table:
-    """Columns in schema order with the schema's types; extra (newer minor) columns dropped."""
+def conform(tbl: pa.Table, table: str, path: str, where: str = "", only=None) -> pa.Table:
+    """Columns in schema order with the schema's types; extra (newer minor) columns dropped.
+    ``only``: just these columns (the others were not read)."""
     columns = []
-    for f in S.TABLES[table]:
+    fields = [f for f in S.TABLES[table] if only is None or f.name in only]
+    for f in fields:
         if f.name not in tbl.column_names:
             if f.name in S.ADDED_COLUMNS.get(table, {}):   # an older minor version: null
                 columns.append(pa.nulls(tbl.num_rows, f.type))
@@ -146,12 +154,12 @@ def conform(tbl: pa.Table, table: str, path: str, where: str = "") -> pa.Table:
             raise TraceFormatError(
                 f"{path}: column {table}.{f.name} has nulls ({col.null_count} of {len(col)} rows{where})")
         columns.append(col)
-    return pa.Table.from_arrays(columns, schema=pa.schema(S.TABLES[table]))
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
 
 
-def _conformed(tbl: pa.Table, table: str, path: str, where: str = "") -> pa.Table:
+def _conformed(tbl: pa.Table, table: str, path: str, where: str = "", only=None) -> pa.Table:
     try:
-        return conform(tbl, table, path, where)
+        return conform(tbl, table, path, where, only)
     except (pa.ArrowException, UnicodeDecodeError) as exc:
         raise TraceFormatError(f"{path}: unreadable table {table} ({first_line(exc)})") from None
 
@@ -199,7 +207,7 @@ def _open_file(path: str) -> pa.NativeFile:
         raise TraceFormatError(f"{path}: cannot read ({exc.strerror or first_line(exc)})") from None
 
 
-def _open(source: pa.NativeFile, path: str):
+def _open(source: pa.NativeFile, path: str, options: ipc.IpcReadOptions | None = None):
     """A stream reader, or a file reader's batches (a file cut before its footer is read
     as the stream it starts with, after the 8-byte preamble)."""
     head = source.read(256)
@@ -208,7 +216,7 @@ def _open(source: pa.NativeFile, path: str):
     if head[:6] == _FILE_MAGIC:
         try:
             source.seek(0)
-            return _FileBatches(ipc.open_file(source))
+            return _FileBatches(ipc.open_file(source, options=options))
         except (pa.ArrowException, OSError):
             source.seek(8)
     elif head[:4] == _STREAM_CONTINUATION:
@@ -216,7 +224,7 @@ def _open(source: pa.NativeFile, path: str):
     else:
         raise TraceFormatError(f"{path}: not an Arrow IPC file ({_describe(head)})")
     try:
-        return _StreamBatches(ipc.open_stream(source))
+        return _StreamBatches(ipc.open_stream(source, options=options))
     except (pa.ArrowException, OSError) as exc:
         raise TraceFormatError(f"{path}: unreadable Arrow stream ({first_line(exc)})") from None
 
