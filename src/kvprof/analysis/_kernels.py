@@ -100,3 +100,76 @@ def replay_batch(step, req, phase, tokens, computed, start, step_min, step_pos, 
         per_req[r, REQ_LAST_POS] = s
     totals[TOTAL_OTHER_GAPS] = n_other
     return step.shape[0]
+
+
+@njit(cache=True, nogil=True)
+def simulate_schedule(prompt, cached, output, batch_size, budget_max, lag):
+    """The scheduler replay of ``predict.simulate`` (see there for the rules), compiled: it
+    runs once per step of the simulated run, with up to ``batch_size`` requests each.
+
+    Returns (composition: steps x 3 of decode requests, prefill tokens, context tokens;
+    admitted, first_token, finished: the step of each request's event)."""
+    n = prompt.shape[0]
+    computed = np.empty(n, np.int64)
+    for r in range(n):
+        computed[r] = max(min(cached[r], prompt[r] - 1), 0)   # a full hit recomputes one token
+    emitted = np.zeros(n, np.int64)
+    admitted = np.full(n, -1, np.int64)
+    first = np.full(n, -1, np.int64)
+    finished = np.full(n, -1, np.int64)
+    ready = np.full(n, np.iinfo(np.int64).max, np.int64)
+    ready[:batch_size] = 0
+    released = min(batch_size, n)
+    running = np.empty(max(batch_size, 1), np.int64)
+    n_run = 0
+    nxt = 0
+    composition = np.empty((max(n, 16), 3), np.int64)
+    step = 0
+    while nxt < n or n_run > 0:
+        if n_run == 0 and ready[nxt] > step:
+            ready[nxt] = step                        # nothing to run: the engine waits for it
+        budget, decode, prefill, context = budget_max, 0, 0, 0
+        n_old, first_new = n_run, nxt
+        candidates = n_old + min(n, nxt + batch_size - n_old) - nxt
+        for c in range(candidates):
+            r = running[c] if c < n_old else first_new + (c - n_old)
+            if budget <= 0 or ready[r] > step:
+                break
+            if admitted[r] < 0:
+                admitted[r] = step
+                nxt += 1
+                running[n_run] = r
+                n_run += 1
+            left = prompt[r] - computed[r] if emitted[r] == 0 else 0
+            tokens = min(left, budget) if left > 0 else 1
+            budget -= tokens
+            if left > 0:
+                prefill += tokens
+            else:
+                decode += 1
+            context += computed[r] + tokens
+            computed[r] += tokens
+            if tokens >= left:                       # a decode, or a prefill's last chunk
+                emitted[r] += 1
+                if first[r] < 0:
+                    first[r] = step
+                if emitted[r] >= max(output[r], 1):
+                    finished[r] = step
+                    if released < n:
+                        ready[released] = step + 1 + lag
+                        released += 1
+        kept = 0
+        for i in range(n_run):
+            if finished[running[i]] < 0:
+                running[kept] = running[i]
+                kept += 1
+        n_run = kept
+        if step == composition.shape[0]:
+            grown = np.empty((2 * step, 3), np.int64)
+            grown[:step] = composition
+            composition = grown
+        composition[step, 0] = decode
+        composition[step, 1] = prefill
+        composition[step, 2] = context
+        step += 1
+    return composition[:step], admitted, first, finished

@@ -115,47 +115,19 @@ def simulate(requests: Requests, batch_size: int, token_budget: int | None) -> S
     """vLLM V1's order: running requests first (decodes, then prefill chunks), then admissions
     in arrival order while slots and the token budget last; a prefill's last chunk samples the
     first token. The first ``batch_size`` requests are there at the start; each finish lets
-    the next one in ``requests.lag`` steps after the following step (an idle engine waits)."""
-    budget_max = token_budget or 1 << 30
-    n = len(requests.prompt)
-    # a full prefix hit still recomputes the prompt's last token
-    computed = np.minimum(requests.cached, requests.prompt - 1).clip(0).astype(np.int64)
-    emitted = np.zeros(n, np.int64)
-    admitted, first, finished = (np.full(n, -1, np.int64) for _ in range(3))
-    ready = np.full(n, np.iinfo(np.int64).max)
-    ready[:batch_size] = 0
-    released = min(batch_size, n)
-    running: list[int] = []
-    nxt = 0
-    composition = []
-    while nxt < n or running:
-        step = len(composition)
-        if not running and ready[nxt] > step:
-            ready[nxt] = step                    # nothing to run: the engine waits for it
-        budget, decode, prefill, context = budget_max, 0, 0, 0
-        for r in running + list(range(nxt, min(n, nxt + batch_size - len(running)))):
-            if budget <= 0 or ready[r] > step:
-                break
-            if admitted[r] < 0:
-                admitted[r], nxt = step, nxt + 1
-                running.append(r)
-            left = requests.prompt[r] - computed[r] if emitted[r] == 0 else 0
-            tokens = min(left, budget) if left > 0 else 1
-            budget -= tokens
-            prefill, decode = (prefill + tokens, decode) if left > 0 else (prefill, decode + 1)
-            context += computed[r] + tokens
-            computed[r] += tokens
-            if tokens >= left:   # a decode, or the prefill's last chunk: one token out
-                emitted[r] += 1
-                first[r] = step if first[r] < 0 else first[r]
-                if emitted[r] >= max(requests.output[r], 1):
-                    finished[r] = step
-                    if released < n:
-                        ready[released], released = step + 1 + requests.lag, released + 1
-        running = [r for r in running if finished[r] < 0]
-        composition.append((decode, prefill, context))
-    decode_a, prefill_a, context_a = np.asarray(composition, np.float64).reshape(-1, 3).T
-    return Schedule(decode_a, prefill_a, context_a, admitted, first, finished)
+    the next one in ``requests.lag`` steps after the following step (an idle engine waits).
+    The loop is the numba kernel ``_kernels.simulate_schedule``: a day's workload is millions
+    of simulated steps."""
+    from kvprof.analysis._kernels import simulate_schedule
+
+    as_int = lambda a: np.ascontiguousarray(a, np.int64)  # noqa: E731
+    composition, admitted, first, finished = simulate_schedule(
+        as_int(requests.prompt), as_int(requests.cached), as_int(requests.output),
+        int(batch_size), int(token_budget or 1 << 30), int(requests.lag))
+    decode, prefill, context = composition.astype(np.float64).T
+    return Schedule(decode, prefill, context, admitted, first, finished)
+
+
 @dataclass
 class Prediction:
     batch_size: int
