@@ -157,7 +157,8 @@ def predict(f: Fit, requests: Requests, batch_size: int, token_budget: int | Non
     best = f.vector
     draws = f.draws if f.draws is not None else best[None, :]
     tokens = float(np.maximum(requests.output, 1).sum())
-    rate = lambda coef: tokens / (x @ coef).sum() * 1e9  # noqa: E731
+    totals = x.sum(axis=0)                  # the run's time is totals @ costs: one sum per draw
+    rate = lambda coef: tokens / float(totals @ coef) * 1e9  # noqa: E731
     low, high = np.percentile([rate(c) for c in draws], [2.5, 97.5])
     others = [rate(c) for c in f.alternatives]     # equally good models widen the interval
     low, high = float(min([low, *others])), float(max([high, *others]))
