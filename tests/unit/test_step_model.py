@@ -120,6 +120,38 @@ def test_each_batch_size_is_predicted_from_the_others(study):
     assert model.leave_one_out[-1].predicted.refused is None
 
 
+def test_an_engine_that_ran_the_same_work_at_its_own_speed_is_named(study, tmp_path):
+    """All batch sizes share the planted costs: every step-time ratio is 1 and no note says
+    otherwise. Then batch size 4 runs every cost 1.3x slower (an engine slower at that
+    setting): its ratio is found, matched pure-decode steps show it without the model, and
+    the prediction divided by the ratio lands near what was measured."""
+    _, sources = study
+    model = sweep_model(list(sources.values()))
+    assert all(h.step_time_ratio == pytest.approx(1.0, abs=1e-6) for h in model.leave_one_out)
+    assert not [n for n in model.notes if "its steps took" in n]
+
+    rng = np.random.default_rng(7)
+    prompts = [int(v) for v in rng.integers(20, 400, 40)]
+    outputs = [int(v) for v in rng.integers(4, 30, 40)]
+    cached = [16 * int(rng.integers(0, p // 32 + 1)) for p in prompts]
+    slow = syn.Engine(max_num_seqs=4, max_num_batched_tokens=256,
+                      model_ns=tuple(1.3 * c for c in PLANTED))
+    path = tmp_path / "bs004-r0.arrow"
+    syn.build(path, closed_loop_specs(prompts, outputs, 4, cached), slow)
+    mixed = {**sources, 4: source_from_trace(read_trace(str(path)))}
+    model = sweep_model(list(mixed.values()))
+    held = {h.batch_size: h for h in model.leave_one_out}[4]
+    assert 1.2 < held.step_time_ratio < 1.3
+    m = held.matched
+    assert m is not None and m["batch_size"] == 4 and m["other_batch_size"] in (2, 8)
+    assert m["step_ms"] > 1.15 * m["other_step_ms"]
+    measured, predicted = held.measured_output_tokens_per_s, held.predicted.output_tokens_per_s
+    assert predicted / measured > 1.15                                    # the raw error
+    assert predicted / held.step_time_ratio == pytest.approx(measured, rel=0.05)
+    note = [n for n in model.notes if n.startswith("bs 4: its steps took")]
+    assert len(note) == 1 and "ran slower at this setting" in note[0]
+
+
 def test_dominant_term_and_shares(study):
     _, sources = study
     f = fit(StepSamples.join([s.samples for s in sources.values()]))

@@ -28,11 +28,14 @@ class HeldOut:
     measured_e2e_ms: float
     interior: bool                    # between the smallest and largest batch sizes kept
     measured_range: list[float]       # lowest and highest round: the noise the error is set against
+    step_time_ratio: float | None = None   # its steps' time / the others' model's, median
+    matched: dict | None = None            # same-composition steps here and at another size
 
     def to_dict(self) -> dict:
         p = self.predicted
         tps = p.output_tokens_per_s
         return {"batch_size": self.batch_size, "interior": self.interior,
+                "step_time_ratio": self.step_time_ratio, "matched": self.matched,
                 "measured_output_tokens_per_s": self.measured_output_tokens_per_s,
                 "measured_range": self.measured_range,
                 "predicted_output_tokens_per_s": tps, "interval": p.interval,
@@ -83,7 +86,7 @@ def sweep_model(sources: list[Source]) -> SweepModel | None:
     held = leave_one_out(groups)
     per_seq = per_sequence_ns(f, sources[0])
     return SweepModel(f, per_seq, predictions, held,
-                      explain(f, per_seq, groups, predictions))
+                      explain(f, per_seq, groups, predictions, held))
 
 
 def leave_one_out(groups: dict[int, list[Source]]) -> list[HeldOut]:
@@ -99,10 +102,76 @@ def leave_one_out(groups: dict[int, list[Source]]) -> list[HeldOut]:
         nearest = min((s for s in others), key=lambda s: abs(s.batch_size - b))
         kept = [size for size in sizes if size != b]
         rates = [s.output_tokens_per_s for s in groups[b]]
+        own = StepSamples.join([s.samples for s in groups[b]])
         out.append(HeldOut(b, _mean(rates), predict_for(f, nearest, b),
                            _mean(s.mean_e2e_ms for s in groups[b]), min(kept) < b < max(kept),
-                           [min(rates), max(rates)]))
+                           [min(rates), max(rates)], step_time_ratio(f, own),
+                           matched_steps(b, own, {size: StepSamples.join([s.samples for s in runs])
+                                                  for size, runs in groups.items() if size != b})))
     return out
+
+
+MIN_MATCHED = 5          # steps of one composition, at each of the two batch sizes compared
+SLOWER = 0.10            # a batch size whose steps ran this much off the others' model
+
+
+def step_time_ratio(f: Fit, samples: StepSamples) -> float | None:
+    """Median of measured / modelled step time over a batch size's own steps, with the model
+    fitted on the other batch sizes: 1 when the engine ran the same composition at the same
+    speed; above 1 when it ran slower at this setting than the others predict."""
+    if not samples.cycle_ns.size:
+        return None
+    modelled = samples.design() @ f.vector
+    ok = modelled > 0
+    return float(np.median(samples.cycle_ns[ok] / modelled[ok])) if ok.any() else None
+
+
+def matched_steps(b: int, own: StepSamples, others: dict[int, StepSamples]) -> dict | None:
+    """Evidence without a model: pure decode steps of one size (no prefill, the same number of
+    decodes) at batch size ``b`` and at another batch size, their median step times and
+    context per sequence. The decode count most common at ``b`` that another size also ran."""
+    decodes = own.decode[own.prefill == 0]
+    for d in np.unique(decodes)[np.argsort(-np.unique(decodes, return_counts=True)[1])]:
+        here = (own.prefill == 0) & (own.decode == d)
+        if here.sum() < MIN_MATCHED:
+            break
+        for size, other in sorted(others.items(), key=lambda item: abs(item[0] - b)):
+            there = (other.prefill == 0) & (other.decode == d)
+            if there.sum() >= MIN_MATCHED:
+                return {"decodes": int(d), "batch_size": b, "step_ms": _median_ms(own, here),
+                        "context_per_sequence": float(np.median(own.context[here]) / d),
+                        "steps": int(here.sum()), "other_batch_size": size,
+                        "other_step_ms": _median_ms(other, there),
+                        "other_context_per_sequence": float(np.median(other.context[there]) / d),
+                        "other_steps": int(there.sum())}
+    return None
+
+
+def _median_ms(samples: StepSamples, mask: np.ndarray) -> float:
+    return float(np.median(samples.cycle_ns[mask]) / 1e6)
+
+
+def off_model_note(h: HeldOut) -> str | None:
+    """A held-out batch size whose engine ran the same work at another speed: the part of the
+    prediction error that no model of step composition can remove."""
+    if h.step_time_ratio is None or abs(h.step_time_ratio - 1) < SLOWER:
+        return None
+    m = h.matched
+    evidence = "" if m is None else (
+        f" (steps of {m['decodes']} decodes and no prefill: {m['step_ms']:.1f} ms here, "
+        f"{m['other_step_ms']:.1f} ms at batch size {m['other_batch_size']}, context "
+        f"{m['context_per_sequence']:.0f} and {m['other_context_per_sequence']:.0f} tokens per "
+        f"sequence)")
+    predicted = h.predicted.output_tokens_per_s
+    scaled = "" if predicted is None else (
+        f" The prediction from the others, {predicted:,.0f} output tokens/s, divided by that "
+        f"ratio is {predicted / h.step_time_ratio:,.0f} against {h.measured_output_tokens_per_s:,.0f} "
+        f"measured: the error comes from the engine's speed at this setting, not from the "
+        f"workload's composition.")
+    return (f"bs {h.batch_size}: its steps took {h.step_time_ratio:.2f}x the time the other batch "
+            f"sizes' model gives for the same composition{evidence}. The engine ran "
+            f"{'slower' if h.step_time_ratio > 1 else 'faster'} at this setting than at the "
+            f"others, which no model of step composition can predict from them.{scaled}")
 
 
 def per_sequence_ns(f: Fit, workload: Source) -> float:
@@ -117,7 +186,7 @@ def per_sequence_ns(f: Fit, workload: Source) -> float:
 
 
 def explain(f: Fit, per_seq: float, groups: dict[int, list[Source]],
-            predictions: list[Prediction]) -> list[str]:
+            predictions: list[Prediction], held: list[HeldOut] = ()) -> list[str]:
     """Where throughput stops scaling and why, and what each added sequence costs in latency."""
     c = f.coefficients
     notes = []
@@ -136,6 +205,7 @@ def explain(f: Fit, per_seq: float, groups: dict[int, list[Source]],
     sizes = list(groups)
     for a, b, pa_, pb in zip(sizes, sizes[1:], predictions, predictions[1:]):
         notes.append(step_note(a, b, groups, pa_, pb))
+    notes += [off_model_note(h) for h in held]
     return [n for n in notes if n]
 
 
