@@ -97,6 +97,10 @@ def shifted(table: str, cols: dict, k: int, n_steps: int, n_req: int, span_ns: i
     return out
 
 
+def sliced(cols: dict, lo: int, hi: int) -> dict:
+    return {name: v if np.isscalar(v) or v is None else v[lo:hi] for name, v in cols.items()}
+
+
 def write_tiled(path: str, n_rows: int, n_slots: int, base_rows: int) -> dict:
     """A trace of about ``n_rows`` request-step rows, written tile by tile."""
     tables, counts = base_tables(min(base_rows, n_rows), n_slots)
@@ -111,21 +115,26 @@ def write_tiled(path: str, n_rows: int, n_slots: int, base_rows: int) -> dict:
     parts = parts_dir(path)
     files = {t: path if t == "steps" else os.path.join(parts, S.PART_FILES[t])
              for t in ("steps", "request_steps", "requests", "preemptions", "block_events", "prompts")}
-    engine = TraceSession(path, files, "engine_core", run, max_pending=64, max_pending_rows=10**8)
+    # Every batch may wait in the queue (nothing dropped); each is built, shifted, when the
+    # writer takes it, so the queue holds closures over the base tables, not rows.
+    pending = tiles * sum(n // base.FLUSH_ROWS + 1 for n in counts.values()) + 8
+    engine = TraceSession(path, files, "engine_core", run, max_pending=pending,
+                          max_pending_rows=tiles * sum(counts.values()) + 1)
     worker = TraceSession(path, {"forward": os.path.join(parts, S.forward_file(0))}, "worker-0",
-                          run, max_pending=64, max_pending_rows=10**8)
+                          run, max_pending=pending, max_pending_rows=tiles * counts["forward"] + 1)
     for k in range(tiles):
         for table, cols in tables.items():
-            tile = shifted(table, cols, k, counts["steps"], counts["requests"], span)
             session = worker if table == "forward" else engine
             for lo in range(0, counts[table], base.FLUSH_ROWS):
                 hi = min(lo + base.FLUSH_ROWS, counts[table])
-                batch = base.record_batch(table, tile, lo, hi)
-                while not session.writer.submit(table, lambda b=batch: b, hi - lo):
-                    time.sleep(0.005)        # the writer is behind: wait, never drop
+                build = lambda t=table, c=cols, a=lo, b=hi, k=k: base.record_batch(  # noqa: E731
+                    t, shifted(t, sliced(c, a, b), k, counts["steps"], counts["requests"], span),
+                    0, b - a)
+                assert session.writer.submit(table, build, hi - lo), "writer queue full"
     total = {t: n * tiles for t, n in counts.items()}
     for session, extra in ((engine, {"kv_blocks_used_at_start": 0, "steps": total["steps"]}),
                            (worker, None)):
+        assert session.writer.wait_idle(3600), "the writer did not drain in an hour"
         record = session.close(extra=extra) if extra else session.close()
         assert record["complete"] and not record["rows_dropped"], record
     return total

@@ -173,3 +173,19 @@ def simulate_schedule(prompt, cached, output, batch_size, budget_max, lag):
         composition[step, 2] = context
         step += 1
     return composition[:step], admitted, first, finished
+
+
+@njit(cache=True, nogil=True)
+def block_sums(prefix, starts, block):
+    """For each row d of ``starts`` (a bootstrap draw of block starts), the sum over its
+    blocks of ``prefix[start + block] - prefix[start]``: the draw's sums of each column of
+    ``prefix``'s underlying per-step values, in one pass without temporaries."""
+    draws, blocks = starts.shape
+    width = prefix.shape[1]
+    out = np.zeros((draws, width))
+    for d in range(draws):
+        for i in range(blocks):
+            s = starts[d, i]
+            for c in range(width):
+                out[d, c] += prefix[s + block, c] - prefix[s, c]
+    return out

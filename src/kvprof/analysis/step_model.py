@@ -205,26 +205,28 @@ def alternatives(x: np.ndarray, y: np.ndarray, best_rss: float, best: np.ndarray
 def bootstrap(x: np.ndarray, y: np.ndarray, draws: int, seed: int) -> np.ndarray:
     """Coefficients refitted on moving-block resamples of the steps. A draw's normal
     equations are sums of its blocks' (prefix sums of each step's x xᵀ and x y), so a draw
-    costs its number of blocks, not its number of steps."""
+    costs its number of blocks, not its number of steps (summed by a numba kernel)."""
+    from kvprof.analysis._kernels import block_sums
+
     n, p = x.shape
     block = max(1, min(n // 4, int(round(n ** (1 / 3)))))
     scale = np.abs(x).max(axis=0)
     scale[scale == 0] = 1.0
     xs = x / scale
     upper = np.triu_indices(p)            # xᵀx is symmetric: prefix sums of its upper half
-    gram = np.zeros((n + 1, upper[0].size))
+    prefix = np.zeros((n + 1, upper[0].size + p))
     for k, (i, j) in enumerate(zip(*upper)):
-        np.cumsum(xs[:, i] * xs[:, j], out=gram[1:, k])
-    cross = np.concatenate([np.zeros((1, p)), np.cumsum(xs * y[:, None], axis=0)])
-    rng = np.random.default_rng(seed)
+        np.cumsum(xs[:, i] * xs[:, j], out=prefix[1:, k])
+    for j in range(p):
+        np.cumsum(xs[:, j] * y, out=prefix[1:, upper[0].size + j])
+    starts = np.random.default_rng(seed).integers(0, n - block + 1, size=(draws, -(-n // block)))
+    sums = block_sums(prefix, starts, block)
     out = np.empty((draws, p))
     g = np.empty((p, p))
     for d in range(draws):
-        starts = rng.integers(0, n - block + 1, size=-(-n // block))
-        g[upper] = (gram[starts + block] - gram[starts]).sum(axis=0)
+        g[upper] = sums[d, :upper[0].size]
         g.T[upper] = g[upper]
-        h = (cross[starts + block] - cross[starts]).sum(axis=0)
-        out[d] = solve_normal(g, h) / scale
+        out[d] = solve_normal(g, sums[d, upper[0].size:]) / scale
     return out
 
 
