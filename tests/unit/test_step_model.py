@@ -149,7 +149,7 @@ def test_an_engine_that_ran_the_same_work_at_its_own_speed_is_named(study, tmp_p
     assert predicted / measured > 1.15                                    # the raw error
     assert predicted / held.step_time_ratio == pytest.approx(measured, rel=0.05)
     note = [n for n in model.notes if n.startswith("bs 4: its steps took")]
-    assert len(note) == 1 and "ran slower at this setting" in note[0]
+    assert len(note) == 1 and "ran the same work slower here" in note[0]
 
 
 def test_dominant_term_and_shares(study):

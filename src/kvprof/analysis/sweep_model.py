@@ -30,12 +30,14 @@ class HeldOut:
     measured_range: list[float]       # lowest and highest round: the noise the error is set against
     step_time_ratio: float | None = None   # its steps' time / the others' model's, median
     matched: dict | None = None            # same-composition steps here and at another size
+    round_ratios: list[float] | None = None   # the same ratio, round by round
 
     def to_dict(self) -> dict:
         p = self.predicted
         tps = p.output_tokens_per_s
         return {"batch_size": self.batch_size, "interior": self.interior,
-                "step_time_ratio": self.step_time_ratio, "matched": self.matched,
+                "step_time_ratio": self.step_time_ratio, "round_ratios": self.round_ratios,
+                "matched": self.matched,
                 "measured_output_tokens_per_s": self.measured_output_tokens_per_s,
                 "measured_range": self.measured_range,
                 "predicted_output_tokens_per_s": tps, "interval": p.interval,
@@ -107,7 +109,8 @@ def leave_one_out(groups: dict[int, list[Source]]) -> list[HeldOut]:
                            _mean(s.mean_e2e_ms for s in groups[b]), min(kept) < b < max(kept),
                            [min(rates), max(rates)], step_time_ratio(f, own),
                            matched_steps(b, own, {size: StepSamples.join([s.samples for s in runs])
-                                                  for size, runs in groups.items() if size != b})))
+                                                  for size, runs in groups.items() if size != b}),
+                           [step_time_ratio(f, s.samples) for s in groups[b]]))
     return out
 
 
@@ -153,7 +156,8 @@ def _median_ms(samples: StepSamples, mask: np.ndarray) -> float:
 
 def off_model_note(h: HeldOut) -> str | None:
     """A held-out batch size whose engine ran the same work at another speed: the part of the
-    prediction error that no model of step composition can remove."""
+    prediction error that no model of step composition can remove, and whether its rounds
+    agree (a steady effect) or not (run-to-run speed)."""
     if h.step_time_ratio is None or abs(h.step_time_ratio - 1) < SLOWER:
         return None
     m = h.matched
@@ -166,12 +170,24 @@ def off_model_note(h: HeldOut) -> str | None:
     scaled = "" if predicted is None else (
         f" The prediction from the others, {predicted:,.0f} output tokens/s, divided by that "
         f"ratio is {predicted / h.step_time_ratio:,.0f} against {h.measured_output_tokens_per_s:,.0f} "
-        f"measured: the error comes from the engine's speed at this setting, not from the "
+        f"measured: the error comes from the engine's speed during these runs, not from the "
         f"workload's composition.")
+    ratios = [r for r in h.round_ratios or [] if r is not None]
+    rounds = ""
+    if len(ratios) > 1:
+        spread = max(ratios) / min(ratios) - 1
+        rounds = (f" Its rounds ran at {', '.join(f'{r:.2f}x' for r in ratios)}: "
+                  + ("they agree: it ran at that speed throughout this batch size's runs (an "
+                     "effect of the setting, or a slow or fast spell of the machine: a sweep "
+                     "repeated later tells them apart)."
+                     if spread < SLOWER else
+                     "they disagree by as much: the engine's (or the machine's) speed varied "
+                     "from run to run."))
     return (f"bs {h.batch_size}: its steps took {h.step_time_ratio:.2f}x the time the other batch "
-            f"sizes' model gives for the same composition{evidence}. The engine ran "
-            f"{'slower' if h.step_time_ratio > 1 else 'faster'} at this setting than at the "
-            f"others, which no model of step composition can predict from them.{scaled}")
+            f"sizes' model gives for the same composition{evidence}. The engine ran the same "
+            f"work {'slower' if h.step_time_ratio > 1 else 'faster'} here than in the other "
+            f"batch sizes' runs, which no model of step composition can predict from them."
+            f"{rounds}{scaled}")
 
 
 def per_sequence_ns(f: Fit, workload: Source) -> float:
