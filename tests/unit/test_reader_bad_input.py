@@ -300,11 +300,11 @@ def test_truncation_at_a_batch_boundary_is_reported(tmp_path, parts):
 # Offsets (every 97 bytes, bit = offset % 8) whose flip escapes as another exception.
 _NOT_IMPLEMENTED = (
     pa.ArrowNotImplementedError,
-    "reader._open catches ArrowInvalid/OSError around ipc.open_stream, not ArrowNotImplementedError "
+    "stream._open catches ArrowInvalid/OSError around ipc.open_stream, not ArrowNotImplementedError "
     "(a corrupted schema: 'Integers with more than 64 bits not implemented')")
 _MEMORY = (
     pa.ArrowMemoryError,
-    "reader.read_stream's batch loop catches ArrowInvalid/ArrowIOError/OSError, not "
+    "stream._valid_batches catches ArrowInvalid/ArrowIOError/OSError, not "
     "ArrowMemoryError (a corrupted buffer length: 'malloc of size ... failed')")
 _VALIDATE = (
     pa.ArrowInvalid,

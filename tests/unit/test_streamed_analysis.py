@@ -20,7 +20,7 @@ from kvprof.format.reader import read_trace
 from kvprof.format.stream import TableStream, read_ahead
 from kvprof.report.json_report import render
 
-from .synthetic import Engine, Spec, build, mixed_specs
+from .synthetic import Spec, build, mixed_specs
 
 
 def streamed(path):

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from kvprof.errors import TraceFormatError
 from kvprof.format import schema as S
-from kvprof.format.stream import ChainedStream, TableStream, check_metadata, conform  # noqa: F401 (re-exported)
+from kvprof.format.stream import ChainedStream, TableStream
 
 
 
