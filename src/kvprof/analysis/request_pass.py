@@ -54,11 +54,11 @@ class _RequestState:
     def __init__(self, kernels, requests: dict, chosen: np.ndarray, n_steps: int, path: str):
         valid = requests["req"] >= 0
         self.table_rows = requests["req"].size
-        self.known = requests["req"][valid]
-        n_req = int(self.known.max(initial=-1)) + 1
+        known = requests["req"][valid]
+        n_req = int(known.max(initial=-1)) + 1
         self._check(n_req - 1, 0, path)
         self.prompt = np.full(n_req, -1, np.int64)
-        self.prompt[self.known] = requests["prompt_tokens"][valid]
+        self.prompt[known] = requests["prompt_tokens"][valid]
         self.delivered = np.full(n_req, np.iinfo(np.int64).max, np.int64)
         finished = valid & (requests["finish_ns"] >= 0)
         self.delivered[requests["req"][finished]] = requests["output_tokens"][finished]

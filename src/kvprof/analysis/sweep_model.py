@@ -133,8 +133,8 @@ def matched_steps(b: int, own: StepSamples, others: dict[int, StepSamples]) -> d
     """Evidence without a model: pure decode steps of one size (no prefill, the same number of
     decodes) at batch size ``b`` and at another batch size, their median step times and
     context per sequence. The decode count most common at ``b`` that another size also ran."""
-    decodes = own.decode[own.prefill == 0]
-    for d in np.unique(decodes)[np.argsort(-np.unique(decodes, return_counts=True)[1])]:
+    values, counts = np.unique(own.decode[own.prefill == 0], return_counts=True)
+    for d in values[np.argsort(-counts)]:
         here = (own.prefill == 0) & (own.decode == d)
         if here.sum() < MIN_MATCHED:
             break
