@@ -149,3 +149,37 @@ def test_the_step_model_on_the_real_engine(sweep, capsys):
         low, high = p["interval"]
         assert p["output_tokens_per_s"] is None or low <= p["output_tokens_per_s"] <= high
         assert p["step_ms"] > 0 and p["mean_e2e_ms"] > p["step_ms"]
+
+
+@pytest.fixture(scope="module")
+def fresh_sweep(tmp_path_factory):
+    """Three batch sizes, two rounds each, every round on an engine of its own."""
+    out = tmp_path_factory.mktemp("fresh")
+    code, report = run_json(["sweep", "--batch-sizes", "1,2,4", "--prompts", "6",
+                             "--max-tokens", "8", "--rounds", "2", "--length-scale", "0.1",
+                             "--engine-per-round", "--out", str(out), "--json"])
+    assert code == 0
+    return out, report
+
+
+def test_engine_per_round_starts_an_engine_per_round_interleaved(fresh_sweep):
+    """Each round's trace names another EngineCore process; the rounds ran in the rotated,
+    interleaved order (1, 2, 4, then 2, 4, 1) by the traces' own start times; the memory
+    read once per engine counts once per round; the sweep reports its engine noise."""
+    out, report = fresh_sweep
+    with open(out / "manifest.json") as f:
+        manifest = json.load(f)["rounds"]
+    assert [(r["batch_size"], r["round"], r["engine"]) for r in manifest] == [
+        (1, 0, 0), (2, 0, 1), (4, 0, 2), (2, 1, 3), (4, 1, 4), (1, 1, 5)]
+    traces = [read_trace(str(out / r["trace"])) for r in manifest]
+    pids = [t.end_records["engine_core"]["pid"] for t in traces]
+    assert len(set(pids)) == len(pids)
+    starts = [t.run["started_unix_s"] for t in traces]
+    assert starts == sorted(starts)
+    for run in report["runs"]:
+        assert len(run["traces"]) == 2
+        assert all(v is not None for v in run["memory_rounds"]["weights"])
+    model = report["step_time_model"]
+    assert model is not None and model["engine_spread"] is not None and model["engine_spread"] >= 0
+    for held in model["leave_one_out"]:
+        assert held["fresh_engines"] and len(held["round_ratios"]) == 2

@@ -152,6 +152,62 @@ def test_an_engine_that_ran_the_same_work_at_its_own_speed_is_named(study, tmp_p
     assert len(note) == 1 and "ran the same work slower here" in note[0]
 
 
+def _slowed_source(folder, b: int, round_index: int, factor: float):
+    """The study's workload at batch size ``b``, every cost ``factor`` times the planted one:
+    one round on an engine that ran the same work at another speed."""
+    rng = np.random.default_rng(7)
+    prompts = [int(v) for v in rng.integers(20, 400, 40)]
+    outputs = [int(v) for v in rng.integers(4, 30, 40)]
+    cached = [16 * int(rng.integers(0, p // 32 + 1)) for p in prompts]
+    slow = syn.Engine(max_num_seqs=b, max_num_batched_tokens=256,
+                      model_ns=tuple(factor * c for c in PLANTED))
+    path = folder / f"bs{b:03d}-r{round_index}.arrow"
+    syn.build(path, closed_loop_specs(prompts, outputs, b, cached), slow)
+    return source_from_trace(read_trace(str(path)))
+
+
+@pytest.mark.parametrize("factors, fresh, verdict", [
+    ((1.3, 1.3), True, "setting"),             # rounds on fresh engines agree: the setting
+    ((1.3, 1.3), False, "setting or spell"),   # one engine ran both: a spell looks the same
+    ((1.45, 1.0), True, "noise"),              # one round on the model: engine-to-engine noise
+    ((1.5, 0.9), True, "noise"),               # rounds on both sides of the model
+])
+def test_rounds_tell_a_setting_from_noise(study, tmp_path, factors, fresh, verdict):
+    """Two rounds per batch size; batch size 4's rounds ran at the planted speeds, the
+    others at the planted costs. Its verdict follows from whether its rounds agree and
+    whether each ran on a fresh engine."""
+    _, sources = study
+    runs = [s for s in sources.values() if s.batch_size != 4 for _ in range(2)]
+    runs += [_slowed_source(tmp_path, 4, r, f) for r, f in enumerate(factors)]
+    model = sweep_model(runs, fresh_engines=fresh)
+    held = {h.batch_size: h for h in model.leave_one_out}
+    assert held[4].speed == verdict
+    assert held[4].round_ratios == pytest.approx(factors, abs=0.06)
+    # the others' models include the slow size, so they are off a little too (bs 1, an edge,
+    # by 0.86x), but none as far as the one that ran slow
+    assert max(held, key=lambda b: abs(np.log(held[b].step_time_ratio))) == 4
+    assert held[4].to_dict()["speed"] == verdict
+    note = [n for n in model.notes if n.startswith("bs 4: its steps took")]
+    assert len(note) == 1 and {"setting": "an effect that repeats at this setting",
+                               "setting or spell": "--engine-per-round",
+                               "noise": "the error is noise"}[verdict] in note[0]
+
+
+def test_engine_spread_is_the_rounds_disagreement(study, tmp_path):
+    """Every batch size's second round ran 1.2x the first (a fresh, slower engine each
+    time): the engine-to-engine noise the sweep reports is that 20 %, and without fresh
+    engines it is not claimed."""
+    _, sources = study
+    runs = []
+    for b in sources:
+        runs += [_slowed_source(tmp_path, b, 0, 1.0), _slowed_source(tmp_path, b, 1, 1.2)]
+    model = sweep_model(runs, fresh_engines=True)
+    assert model.engine_spread == pytest.approx(0.2, abs=0.01)
+    assert any(n.startswith("Engine-to-engine noise") and "20%" in n for n in model.notes)
+    assert all(h.speed is None for h in model.leave_one_out)
+    assert sweep_model(runs).engine_spread is None
+
+
 def test_dominant_term_and_shares(study):
     _, sources = study
     f = fit(StepSamples.join([s.samples for s in sources.values()]))

@@ -157,3 +157,36 @@ def test_latency_notes_split_end_to_end_into_first_token_and_decode():
     assert latency_notes(runs) == [
         "bs 8→16: end-to-end +400 ms = time to first token +150 ms (queue 0→30 ms) "
         "+ decode +250 ms (TPOT 12.5→20.0 ms)."]
+
+
+@pytest.mark.parametrize("engines", [(None, None), (0, 1)])
+def test_rounds_on_fresh_engines_are_replicates(tmp_path, engines):
+    """One engine ran both rounds (engines None): the second round's RSS at trace start
+    holds what the first grew, so its CPU workspace is counted from the first round's start,
+    and what is read once per engine start is one reading. Each round on its own engine:
+    each is measured from its own start and every reading is a replicate."""
+    from kvprof.analysis.sweep import fresh_engines
+    measures = []
+    for bs in (1, 2, 4):
+        for r, engine in enumerate(engines):
+            trace, _, _ = trace_for(tmp_path, bs, name=f"r{r}")
+            m = measure_round(trace, bs, r, engine)
+            m.worker_rss_at_start = 100 + 50 * r
+            m.components["activation_workspace"] = 10.0
+            measures.append(m)
+    report = sweep_report(measures, {"rounds": 2})
+    fresh = engines[0] is not None
+    assert all(fresh_engines(run.rounds) == fresh for run in report.runs)
+    assert [m.components["activation_workspace"] for m in measures[:2]] == \
+        ([10.0, 10.0] if fresh else [10.0, 60.0])
+    points = report.to_dict()["curve"]["components"]["non_torch"]["points"]
+    assert [len(p["rounds"]) for p in points] == [2 if fresh else 1] * 3
+
+
+def test_engine_per_round_interleaves_and_rotates_the_rounds():
+    from kvprof.models.sweep_runner import SweepPlan
+    assert SweepPlan(batch_sizes=(1, 4, 8), rounds=2).schedule() == [(1, (0, 1)), (4, (0, 1)),
+                                                                      (8, (0, 1))]
+    assert SweepPlan(batch_sizes=(1, 4, 8), rounds=4, engine_per_round=True).schedule() == [
+        (1, (0,)), (4, (0,)), (8, (0,)), (4, (1,)), (8, (1,)), (1, (1,)),
+        (8, (2,)), (1, (2,)), (4, (2,)), (1, (3,)), (4, (3,)), (8, (3,))]

@@ -205,22 +205,25 @@ def alternatives(x: np.ndarray, y: np.ndarray, best_rss: float, best: np.ndarray
 def bootstrap(x: np.ndarray, y: np.ndarray, draws: int, seed: int) -> np.ndarray:
     """Coefficients refitted on moving-block resamples of the steps. A draw's normal
     equations are sums of its blocks' (prefix sums of each step's x xᵀ and x y), so a draw
-    costs its number of blocks, not its number of steps (summed by a numba kernel)."""
+    costs its number of blocks, not its number of steps (summed by a numba kernel).
+
+    Blocks start on multiples of a stride of 1/8 of a block (1 below 8-step blocks, i.e.
+    below 4,096 steps), so the prefix sums are kept per stride, not per step: a long trace's
+    bootstrap needs 14 x 8 bytes per stride instead of per step."""
     from kvprof.analysis._kernels import block_sums
 
     n, p = x.shape
     block = max(1, min(n // 4, int(round(n ** (1 / 3)))))
+    stride = max(1, block // 8)
+    per_block = max(1, block // stride)                 # a block is a whole number of strides
     scale = np.abs(x).max(axis=0)
     scale[scale == 0] = 1.0
     xs = x / scale
-    upper = np.triu_indices(p)            # xᵀx is symmetric: prefix sums of its upper half
-    prefix = np.zeros((n + 1, upper[0].size + p))
-    for k, (i, j) in enumerate(zip(*upper)):
-        np.cumsum(xs[:, i] * xs[:, j], out=prefix[1:, k])
-    for j in range(p):
-        np.cumsum(xs[:, j] * y, out=prefix[1:, upper[0].size + j])
-    starts = np.random.default_rng(seed).integers(0, n - block + 1, size=(draws, -(-n // block)))
-    sums = block_sums(prefix, starts, block)
+    prefix = _stride_prefix(xs, y, stride)
+    starts = np.random.default_rng(seed).integers(0, prefix.shape[0] - per_block,
+                                                   size=(draws, -(-n // (per_block * stride))))
+    sums = block_sums(prefix, starts, per_block)
+    upper = np.triu_indices(p)
     out = np.empty((draws, p))
     g = np.empty((p, p))
     for d in range(draws):
@@ -228,6 +231,21 @@ def bootstrap(x: np.ndarray, y: np.ndarray, draws: int, seed: int) -> np.ndarray
         g.T[upper] = g[upper]
         out[d] = solve_normal(g, sums[d, upper[0].size:]) / scale
     return out
+
+
+def _stride_prefix(xs: np.ndarray, y: np.ndarray, stride: int) -> np.ndarray:
+    """Prefix sums, every ``stride`` steps, of each step's x xᵀ (its upper half: it is
+    symmetric) and x y; steps after the last whole stride are left out."""
+    n, p = xs.shape
+    m = n // stride
+    upper = np.triu_indices(p)
+    prefix = np.zeros((m + 1, upper[0].size + p))
+    products = [(xs[:, i], xs[:, j]) for i, j in zip(*upper)] + [(xs[:, j], y) for j in range(p)]
+    for k, (a, b) in enumerate(products):
+        per_step = a[:m * stride] * b[:m * stride]
+        np.cumsum(per_step.reshape(m, stride).sum(axis=1) if stride > 1 else per_step,
+                  out=prefix[1:, k])
+    return prefix
 
 
 def solve_normal(g: np.ndarray, h: np.ndarray) -> np.ndarray:

@@ -78,9 +78,10 @@ class RoundMeasure:
     warnings: list[str] = field(default_factory=list)
     worker_rss_at_start: float | None = None    # the CPU baseline of activation_workspace
     source: object = field(default=None, repr=False)   # predict.Source: the step-time model's data
+    engine: int | None = None    # which engine ran it; None: one engine per batch size
 
 
-def measure_round(trace, batch_size: int, round_index: int) -> RoundMeasure:
+def measure_round(trace, batch_size: int, round_index: int, engine: int | None = None) -> RoundMeasure:
     """Analyse one round's trace into the numbers the study tables and the curve need."""
     result = analyze(trace)
     report = result.to_dict()
@@ -96,7 +97,7 @@ def measure_round(trace, batch_size: int, round_index: int) -> RoundMeasure:
         evidence=evidence(trace, result, device),
         warnings=list(result.warnings),
         worker_rss_at_start=_sum_known(w.get("rss_at_start_bytes") for w in trace.run.get("workers") or []),
-        source=source_from_trace(trace))
+        source=source_from_trace(trace), engine=engine)
 
 
 def rebase_rounds(rounds: list[RoundMeasure]) -> None:
@@ -345,7 +346,21 @@ ONCE_PER_ENGINE = ("weights", "kv_pool_reserved", "non_torch")
 
 def replicates(run: BatchSizeRuns, name: str) -> list[float | None]:
     values = run.component_rounds(name)
-    return values[:1] if name in ONCE_PER_ENGINE else values
+    return values[:1] if name in ONCE_PER_ENGINE and not fresh_engines(run.rounds) else values
+
+
+def fresh_engines(rounds: list[RoundMeasure]) -> bool:
+    """Whether each of these rounds ran on an engine of its own (``--engine-per-round``)."""
+    engines = [r.engine for r in rounds]
+    return len(rounds) > 1 and None not in engines and len(set(engines)) == len(engines)
+
+
+def by_engine(rounds: list[RoundMeasure]) -> list[list[RoundMeasure]]:
+    """The rounds grouped by the engine that ran them (one engine per batch size when unknown)."""
+    groups: dict = {}
+    for r in rounds:
+        groups.setdefault((r.batch_size, r.engine), []).append(r)
+    return list(groups.values())
 
 
 def sweep_report(rounds: list[RoundMeasure], plan: dict | None = None) -> SweepReport:
@@ -354,15 +369,16 @@ def sweep_report(rounds: list[RoundMeasure], plan: dict | None = None) -> SweepR
     by_size: dict[int, list[RoundMeasure]] = {}
     for r in sorted(rounds, key=lambda r: (r.batch_size, r.round_index)):
         by_size.setdefault(r.batch_size, []).append(r)
-    for same_engine in by_size.values():
-        rebase_rounds(same_engine)
+    for same_engine in by_engine(rounds):
+        rebase_rounds(sorted(same_engine, key=lambda r: r.round_index))
     runs = [BatchSizeRuns(bs, rs) for bs, rs in by_size.items()]
     points = [SweepPoint(run.batch_size, {name: replicates(run, name) for name in COMPONENTS},
                          run.evidence()) for run in runs]
     devices = {r.device for r in rounds}
     device = "cuda" if "cuda" in devices else "cpu"
     warnings = [f"bs={r.batch_size} round {r.round_index}: {w}" for r in rounds for w in r.warnings]
-    model = sweep_model([r.source for r in rounds if r.source is not None])
+    model = sweep_model([r.source for r in rounds if r.source is not None],
+                        fresh_engines=all(fresh_engines(rs) for rs in by_size.values()))
     return SweepReport(runs, explain_sweep(points), device, rounds[0].capacity_bytes,
                        dict(plan or {}), warnings, model)
 

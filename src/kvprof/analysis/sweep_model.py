@@ -31,12 +31,31 @@ class HeldOut:
     step_time_ratio: float | None = None   # its steps' time / the others' model's, median
     matched: dict | None = None            # same-composition steps here and at another size
     round_ratios: list[float] | None = None   # the same ratio, round by round
+    fresh_engines: bool = False            # each round ran on an engine of its own
+
+    @property
+    def speed(self) -> str | None:
+        """Why its steps ran off the others' model, from its rounds (None: they did not).
+        'setting' when every round, each on a fresh engine, ran off the model the same way
+        (by at least half the threshold); 'noise' when a round ran on the model or on its
+        other side; 'setting or spell' when one engine ran every round back to back (a slow
+        spell of the machine looks the same)."""
+        if self.step_time_ratio is None or abs(self.step_time_ratio - 1) < SLOWER:
+            return None
+        ratios = [r for r in self.round_ratios or [] if r is not None]
+        if len(ratios) < 2:
+            return "unknown"
+        side = 1 if self.step_time_ratio > 1 else -1
+        if min(side * (r - 1) for r in ratios) < SLOWER / 2:
+            return "noise"
+        return "setting" if self.fresh_engines else "setting or spell"
 
     def to_dict(self) -> dict:
         p = self.predicted
         tps = p.output_tokens_per_s
         return {"batch_size": self.batch_size, "interior": self.interior,
                 "step_time_ratio": self.step_time_ratio, "round_ratios": self.round_ratios,
+                "fresh_engines": self.fresh_engines, "speed": self.speed,
                 "matched": self.matched,
                 "measured_output_tokens_per_s": self.measured_output_tokens_per_s,
                 "measured_range": self.measured_range,
@@ -55,11 +74,13 @@ class SweepModel:
     predictions: list[Prediction]     # at each batch size run, from the joint fit
     leave_one_out: list[HeldOut]
     notes: list[str]
+    engine_spread: float | None = None   # rounds of one setting on fresh engines: max/min - 1
 
     def to_dict(self) -> dict:
         return {**self.fit.to_dict(), "per_sequence_ns": self.per_sequence_ns,
                 "predictions": [p.to_dict() for p in self.predictions],
-                "leave_one_out": [h.to_dict() for h in self.leave_one_out], "notes": self.notes}
+                "leave_one_out": [h.to_dict() for h in self.leave_one_out],
+                "engine_spread": self.engine_spread, "notes": self.notes}
 
 
 def by_batch_size(sources: list[Source]) -> dict[int, list[Source]]:
@@ -78,20 +99,44 @@ def predict_for(f: Fit, workload: Source, batch_size: int) -> Prediction:
                    workload.blocks_total)
 
 
-def sweep_model(sources: list[Source]) -> SweepModel | None:
-    """Joint fit, leave-one-batch-size-out, and the words; None without a usable fit."""
+def sweep_model(sources: list[Source], fresh_engines: bool = False) -> SweepModel | None:
+    """Joint fit, leave-one-batch-size-out, and the words; None without a usable fit.
+    ``fresh_engines``: every round ran on an engine of its own (``--engine-per-round``)."""
     groups = by_batch_size(sources)
     f = joint_fit(sources)
     if f.coefficients is None:
         return None
     predictions = [predict_for(f, runs[0], b) for b, runs in groups.items()]
-    held = leave_one_out(groups)
+    held = leave_one_out(groups, fresh_engines)
     per_seq = per_sequence_ns(f, sources[0])
+    spread = engine_spread(f, groups) if fresh_engines else None
+    notes = explain(f, per_seq, groups, predictions, held)
     return SweepModel(f, per_seq, predictions, held,
-                      explain(f, per_seq, groups, predictions, held))
+                      notes + ([spread_note(spread, groups)] if spread is not None else []), spread)
 
 
-def leave_one_out(groups: dict[int, list[Source]]) -> list[HeldOut]:
+def engine_spread(f: Fit, groups: dict[int, list[Source]]) -> float | None:
+    """Engine-to-engine noise at one setting: the median over batch sizes of how far apart
+    (max / min - 1) their rounds' step times lie against the joint model, each round having
+    run on a fresh engine. Leave-one-out errors below it are within what the machine repeats."""
+    spreads = []
+    for runs in groups.values():
+        ratios = [r for r in (step_time_ratio(f, s.samples) for s in runs) if r]
+        if len(ratios) > 1:
+            spreads.append(max(ratios) / min(ratios) - 1)
+    return float(np.median(spreads)) if spreads else None
+
+
+def spread_note(spread: float, groups: dict[int, list[Source]]) -> str:
+    rounds = min(len(runs) for runs in groups.values())
+    return (f"Engine-to-engine noise: {rounds}+ rounds per batch size, each on a fresh engine, "
+            f"ran the same work {spread:.0%} apart (median over batch sizes of slowest / fastest "
+            f"round against the joint model). A leave-one-out error of that order is the "
+            f"machine's, not the model's; a batch size whose rounds all ran off the model "
+            f"together is an effect of its setting.")
+
+
+def leave_one_out(groups: dict[int, list[Source]], fresh_engines: bool = False) -> list[HeldOut]:
     """Each batch size predicted by a model fitted on the other batch sizes' steps, for the
     workload of the nearest other batch size (in a sweep every round runs the same prompts)."""
     sizes = list(groups)
@@ -110,7 +155,7 @@ def leave_one_out(groups: dict[int, list[Source]]) -> list[HeldOut]:
                            [min(rates), max(rates)], step_time_ratio(f, own),
                            matched_steps(b, own, {size: StepSamples.join([s.samples for s in runs])
                                                   for size, runs in groups.items() if size != b}),
-                           [step_time_ratio(f, s.samples) for s in groups[b]]))
+                           [step_time_ratio(f, s.samples) for s in groups[b]], fresh_engines))
     return out
 
 
@@ -170,24 +215,30 @@ def off_model_note(h: HeldOut) -> str | None:
     scaled = "" if predicted is None else (
         f" The prediction from the others, {predicted:,.0f} output tokens/s, divided by that "
         f"ratio is {predicted / h.step_time_ratio:,.0f} against {h.measured_output_tokens_per_s:,.0f} "
-        f"measured: the error comes from the engine's speed during these runs, not from the "
+        f"measured: the error comes from the engine's speed at this batch size, not from the "
         f"workload's composition.")
     ratios = [r for r in h.round_ratios or [] if r is not None]
     rounds = ""
     if len(ratios) > 1:
-        spread = max(ratios) / min(ratios) - 1
-        rounds = (f" Its rounds ran at {', '.join(f'{r:.2f}x' for r in ratios)}: "
-                  + ("they agree: it ran at that speed throughout this batch size's runs (an "
-                     "effect of the setting, or a slow or fast spell of the machine: a sweep "
-                     "repeated later tells them apart)."
-                     if spread < SLOWER else
-                     "they disagree by as much: the engine's (or the machine's) speed varied "
-                     "from run to run."))
+        rounds = f" Its rounds ran at {', '.join(f'{r:.2f}x' for r in ratios)}: " + SPEED_WORDS[h.speed]
     return (f"bs {h.batch_size}: its steps took {h.step_time_ratio:.2f}x the time the other batch "
             f"sizes' model gives for the same composition{evidence}. The engine ran the same "
             f"work {'slower' if h.step_time_ratio > 1 else 'faster'} here than in the other "
             f"batch sizes' runs, which no model of step composition can predict from them."
             f"{rounds}{scaled}")
+
+
+SPEED_WORDS = {
+    "setting": "every one ran off the model the same way, each on a fresh engine at another "
+               "time: an effect that repeats at this setting (of the setting itself, or a cost "
+               "the model does not have), not noise.",
+    "setting or spell": "every one ran off the model the same way, all on one engine back to "
+                        "back (an effect of the setting, or a slow or fast spell of the machine: "
+                        "`kvprof sweep --engine-per-round` tells them apart).",
+    "noise": "some ran on the model or on its other side: the engine's (or the machine's) "
+             "speed varied from run to run, so the error is noise, not an effect of the "
+             "setting.",
+}
 
 
 def per_sequence_ns(f: Fit, workload: Source) -> float:

@@ -80,7 +80,7 @@ def load_runs(paths: list[str], names: list[str], batch_size: int | None):
         notes += [note] if note else []
     runs = []
     for path, name in zip(paths, names):
-        traces = ([t for bs, _, t in sorted(sweeps[path]) if bs == batch_size]
+        traces = ([t for bs, _, t, _ in sorted(sweeps[path], key=lambda r: r[:3]) if bs == batch_size]
                   if path in sweeps else [path])
         source = f"{path} (batch size {batch_size})" if path in sweeps else path
         try:
@@ -91,7 +91,7 @@ def load_runs(paths: list[str], names: list[str], batch_size: int | None):
 
 
 def _batch_size(sweeps: dict, chosen: int | None) -> tuple[int, str | None]:
-    sizes = [{bs for bs, _, _ in rounds} for rounds in sweeps.values()]
+    sizes = [{r[0] for r in rounds} for rounds in sweeps.values()]
     common = set.intersection(*sizes)
     if chosen is not None:
         if chosen not in common:

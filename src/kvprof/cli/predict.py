@@ -75,5 +75,5 @@ def trace_paths(sources: list[str]) -> list[str]:
 def sweep_traces(folder: str) -> list[str]:
     from kvprof.cli.sweep import MANIFEST, load_manifest
     if os.path.exists(os.path.join(folder, MANIFEST)):
-        return [path for _, _, path in load_manifest(folder)[0]]
+        return [path for _, _, path, _ in load_manifest(folder)[0]]
     return sorted(glob.glob(os.path.join(folder, "*.arrow")))

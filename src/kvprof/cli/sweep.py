@@ -36,6 +36,10 @@ class SweepCommand:
         parser.add_argument("--kv-blocks", type=positive,
                             help="cap the KV pool at this many blocks (provokes preemption)")
         parser.add_argument("--max-num-batched-tokens", type=positive)
+        parser.add_argument("--engine-per-round", action="store_true",
+                            help="start a fresh engine for every round and interleave the rounds "
+                                 "across batch sizes, so that rounds tell a setting's effect "
+                                 "from engine-to-engine noise (more engine starts)")
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--out", default="out/sweep", help="folder for traces and reports")
         parser.add_argument("--json", action="store_true", help="print the JSON report")
@@ -96,7 +100,8 @@ def make_plan(args):
             chosen[name] = getattr(args, name)
     return SweepPlan(batch_sizes=args.batch_sizes, seed=args.seed, out_dir=args.out,
                      model=args.model, kv_blocks=args.kv_blocks,
-                     max_num_batched_tokens=args.max_num_batched_tokens, **chosen)
+                     max_num_batched_tokens=args.max_num_batched_tokens,
+                     engine_per_round=args.engine_per_round, **chosen)
 
 
 def plan_dict(plan) -> dict:
@@ -153,17 +158,19 @@ def write_manifest(plan, rounds) -> None:
     manifest = {"plan": plan_dict(plan),
                 "rounds": [{"batch_size": r.batch_size, "round": r.round_index,
                             "trace": os.path.relpath(r.trace, plan.out_dir),   # the folder can move
-                            "wall_s": r.wall_s, "output_tokens": r.output_tokens} for r in rounds]}
+                            "wall_s": r.wall_s, "output_tokens": r.output_tokens,
+                            "engine": r.engine} for r in rounds]}
     with open(os.path.join(plan.out_dir, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
 
 
-def load_manifest(out_dir: str) -> tuple[list[tuple[int, int, str]], dict]:
+def load_manifest(out_dir: str) -> tuple[list[tuple[int, int, str, int | None]], dict]:
     path = os.path.join(out_dir, MANIFEST)
     try:
         with open(path) as f:
             manifest = json.load(f)
-        rounds = [(int(r["batch_size"]), int(r["round"]), _trace_path(out_dir, str(r["trace"])))
+        rounds = [(int(r["batch_size"]), int(r["round"]), _trace_path(out_dir, str(r["trace"])),
+                   None if r.get("engine") is None else int(r["engine"]))
                   for r in manifest["rounds"]]
     except FileNotFoundError:
         raise UsageError(f"--reanalyze: no sweep in {out_dir} ({MANIFEST} not found)") from None
@@ -184,9 +191,9 @@ def analyse(rounds, plan: dict):
     from kvprof.format.reader import read_trace
     measures = []
     for item in rounds:
-        bs, index, path = (item.batch_size, item.round_index, item.trace) \
+        bs, index, path, engine = (item.batch_size, item.round_index, item.trace, item.engine) \
             if hasattr(item, "trace") else item
-        measures.append(measure_round(read_trace(path), bs, index))
+        measures.append(measure_round(read_trace(path), bs, index, engine))
     return sweep_report(measures, plan)
 
 

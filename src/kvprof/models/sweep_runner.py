@@ -1,4 +1,4 @@
-"""Run the batch-size study: one engine per batch size, one trace per round.
+"""Run the batch-size study: one engine per batch size (or per round), one trace per round.
 
 Each batch size gets its own engine with ``max_num_seqs`` set to it, and a
 closed-loop client that keeps exactly that many requests in flight (a new
@@ -6,6 +6,13 @@ request enters as soon as one finishes), as a benchmark client with that
 concurrency would. End-to-end latency then measures service time at that batch
 size rather than the wait behind a long queue. The prefix cache is reset between
 rounds so that every round does the same work.
+
+With ``engine_per_round`` every round starts a fresh engine and the rounds are
+interleaved (round 0 of every batch size, then round 1, ...), the order rotated by
+one batch size each round so that no size always follows the same one: the same
+setting's rounds then see different engines and different spells of the machine,
+so rounds that agree show an effect of the setting, and rounds that disagree show
+noise.
 
 Recording side only: this module never imports the analyzer.
 """
@@ -34,6 +41,15 @@ class SweepPlan:
     kv_blocks: int | None = None        # cap the KV pool (None: vLLM's default budget)
     max_num_batched_tokens: int | None = None
     enforce_eager: bool = True
+    engine_per_round: bool = False      # a fresh engine per round, rounds interleaved
+
+    def schedule(self) -> list[tuple[int, tuple[int, ...]]]:
+        """(batch size, its rounds) per engine, in the order the engines run."""
+        if not self.engine_per_round:
+            return [(b, tuple(range(self.rounds))) for b in self.batch_sizes]
+        sizes = list(self.batch_sizes)
+        return [(b, (r,)) for r in range(self.rounds)
+                for b in sizes[r % len(sizes):] + sizes[:r % len(sizes)]]
 
     def trace_path(self, batch_size: int, round_index: int) -> str:
         return os.path.join(self.out_dir, f"bs{batch_size:03d}-r{round_index}.arrow")
@@ -55,6 +71,7 @@ class RoundRecord:
     trace: str
     wall_s: float
     output_tokens: int
+    engine: int = 0          # which engine of the sweep ran it (0, 1, ... in start order)
 
 
 @dataclass
@@ -85,12 +102,13 @@ def run_sweep(plan: SweepPlan, progress: Progress | None = None,
     os.makedirs(plan.out_dir, exist_ok=True)
     workload = plan.workload()
     records = []
-    for batch_size in plan.batch_sizes:
+    for engine, (batch_size, rounds) in enumerate(plan.schedule()):
         progress.engine_starting(batch_size)
         llm = engine_for(plan, batch_size)
         try:
-            for round_index in range(plan.rounds):
+            for round_index in rounds:
                 record = run_round(llm, plan, workload, batch_size, round_index, progress)
+                record.engine = engine
                 records.append(record)
                 progress.round_done(record)
         finally:

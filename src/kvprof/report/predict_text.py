@@ -53,7 +53,7 @@ def leave_one_out_table(rows: list[dict]) -> Table:
     table = Table(title="Each batch size predicted from the others (output tokens/s; "
                         "end-to-end ms)", title_justify="left")
     for name in ("bs", "measured (rounds)", "predicted (95 %)", "error", "e2e", "predicted",
-                 "error", ""):
+                 "error", "speed", ""):
         table.add_column(name, justify="right" if name else "left")
     for r in rows:
         low, high = r["interval"] or (None, None)
@@ -63,8 +63,16 @@ def leave_one_out_table(rows: list[dict]) -> Table:
                       f"{num(r['predicted_output_tokens_per_s'], 0)}"
                       + ("" if low is None else f" ({low:,.0f}–{high:,.0f})"), pct(r["error"]),
                       num(r["measured_e2e_ms"], 0), num(r["predicted_e2e_ms"], 0), pct(r["e2e_error"]),
-                      where + (f" (no number: {r['refused']})" if r["refused"] else ""))
+                      _speed(r), where + (f" (no number: {r['refused']})" if r["refused"] else ""))
     return table
+
+
+def _speed(row: dict) -> str:
+    """Its steps' time against the others' model, and why it is off (a setting or noise)."""
+    ratio = row.get("step_time_ratio")
+    if ratio is None:
+        return "—"
+    return f"{ratio:.2f}x" + (f" {row['speed']}" if row.get("speed") else "")
 
 
 def sweep_section(model: dict | None):
