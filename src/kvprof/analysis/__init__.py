@@ -117,6 +117,10 @@ class Selection:
     def duration_s(self) -> float:
         return (self.span_ns[1] - self.span_ns[0]) / NS_PER_S
 
+    def of(self, per_step: np.ndarray) -> np.ndarray:
+        """A per-step array of the whole trace, at the selected steps (no copy without a window)."""
+        return per_step if self.step_range is None else per_step[self.mask]
+
 
 def analyze(trace, window: tuple[float | None, float | None] | None = None,
             predict: tuple = ()) -> Analysis:
@@ -195,11 +199,14 @@ def _assemble(trace, window, predict, sel: Selection, requests, chosen, rp: Repl
     admitted = _in_range(requests["first_scheduled_step"], sel.step_range)
     tokens = Tokens(input=int(requests["prompt_tokens"][admitted].sum()),
                     cached_input=int(requests["cached_prompt_tokens"][admitted].sum()),
-                    output=int(rp.emitted[mask].sum()), scheduled=int(st["total_tokens"].sum()))
+                    output=int(sel.of(rp.emitted).sum()), scheduled=int(st["total_tokens"].sum()))
     engine, run_kv = trace.run.get("engine", {}), trace.run.get("kv", {})
     done = {name: col[chosen] for name, col in requests.items()}
-    kv_result = kv(st, run_kv, tokens.input, tokens.cached_input, int(rp.recomputed[mask].sum()))
+    kv_result = kv(st, run_kv, tokens.input, tokens.cached_input, int(sel.of(rp.recomputed).sum()))
     batch_result = batch(st, engine)
+    # the model's temporaries are the pass's largest: fitted before the forward rows are read
+    model = _step_model(sel, rp, done, predict, kv_result, engine, batch_result,
+                        tokens.output / sel.duration_s if sel.duration_s else 0.0)
     forward = batch_columns(trace.batches("forward"), FORWARD_COLUMNS)
     seen, n_done = int(rp.req_seen.sum()), int(chosen.sum())
     return Analysis(
@@ -210,8 +217,7 @@ def _assemble(trace, window, predict, sel: Selection, requests, chosen, rp: Repl
                               _events(sel, rp, requests, admitted, chosen)),
         latency=latency(done, rp.itl_values_ns, rp.itl_counts), batch=batch_result, kv=kv_result,
         memory=memory(st, forward, run_kv.get("bytes_per_block"), sel.step_range),
-        step_time_model=_step_model(sel, rp, done, predict, kv_result, engine, batch_result,
-                                    tokens.output / sel.duration_s if sel.duration_s else 0.0),
+        step_time_model=model,
         device_time=device_time(forward, sel.step_range), ranks=ranks(forward, sel.step_range),
         timeline=_timeline(sel, rp), all_request_ids=trace["requests"].column("request_id"),
         finished_rows=chosen, run=trace.run, warnings=list(trace.warnings),
@@ -232,7 +238,7 @@ def _host_time(trace, sel: Selection, forward: dict) -> HostTime | None:
 
 def _events(sel: Selection, rp: Replay, requests, admitted, chosen) -> dict:
     """(time ns, amount) of what throughput counts: tokens out, prompts in, requests done."""
-    return {"output_tokens_per_s": (sel.steps["t_update_end_ns"], rp.emitted[sel.mask]),
+    return {"output_tokens_per_s": (sel.steps["t_update_end_ns"], sel.of(rp.emitted)),
             "input_tokens_per_s": (requests["first_scheduled_ns"][admitted],
                                    requests["prompt_tokens"][admitted]),
             "requests_per_s": (requests["finish_ns"][chosen], np.ones(int(chosen.sum())))}
@@ -251,7 +257,7 @@ def _step_model(sel: Selection, rp: Replay, done, predict, kv_result: KV, engine
     next schedule start); predict for the finished requests' workload."""
     st = sel.steps
     samples = step_samples(st["t_schedule_start_ns"], st["total_tokens"] > 0, st["num_decode_reqs"],
-                           st["prefill_tokens"], rp.context[sel.mask], int(batch_result.max_running or 0))
+                           st["prefill_tokens"], sel.of(rp.context), int(batch_result.max_running or 0))
     requests = Requests(done["prompt_tokens"], done["cached_prompt_tokens"], done["output_tokens"])
     limits = {"token_budget": engine.get("max_num_batched_tokens"),
               "block_size": kv_result.block_size, "blocks_total": kv_result.blocks_total}
@@ -270,6 +276,6 @@ def _timeline(sel: Selection, rp: Replay) -> pa.Table:
         "running": st["num_running"], "waiting": st["num_waiting"],
         "kv_blocks_used": st["kv_blocks_used"], "decode_requests": st["num_decode_reqs"],
         "prefill_tokens": st["prefill_tokens"], "total_tokens": st["total_tokens"],
-        "context_tokens": rp.context[sel.mask], "output_tokens": rp.emitted[sel.mask],
+        "context_tokens": sel.of(rp.context), "output_tokens": sel.of(rp.emitted),
         "rss_bytes": st["rss_bytes"],
     })
