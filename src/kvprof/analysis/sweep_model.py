@@ -132,8 +132,9 @@ def spread_note(spread: float, groups: dict[int, list[Source]]) -> str:
     return (f"Engine-to-engine noise: {rounds}+ rounds per batch size, each on a fresh engine, "
             f"ran the same work {spread:.0%} apart (median over batch sizes of slowest / fastest "
             f"round against the joint model). A leave-one-out error of that order is the "
-            f"machine's, not the model's; a batch size whose rounds all ran off the model "
-            f"together is an effect of its setting.")
+            f"machine's, not the model's. A batch size whose rounds all ran off the model the "
+            f"same way is marked `setting`: it repeated within this sweep, and only a sweep "
+            f"repeated later shows whether it repeats beyond it.")
 
 
 def leave_one_out(groups: dict[int, list[Source]], fresh_engines: bool = False) -> list[HeldOut]:
