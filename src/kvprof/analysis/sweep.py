@@ -370,7 +370,7 @@ def sweep_report(rounds: list[RoundMeasure], plan: dict | None = None) -> SweepR
     for r in sorted(rounds, key=lambda r: (r.batch_size, r.round_index)):
         by_size.setdefault(r.batch_size, []).append(r)
     for same_engine in by_engine(rounds):
-        rebase_rounds(sorted(same_engine, key=lambda r: r.round_index))
+        rebase_rounds(same_engine)
     runs = [BatchSizeRuns(bs, rs) for bs, rs in by_size.items()]
     points = [SweepPoint(run.batch_size, {name: replicates(run, name) for name in COMPONENTS},
                          run.evidence()) for run in runs]

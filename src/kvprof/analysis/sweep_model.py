@@ -121,7 +121,7 @@ def engine_spread(f: Fit, groups: dict[int, list[Source]]) -> float | None:
     run on a fresh engine. Leave-one-out errors below it are within what the machine repeats."""
     spreads = []
     for runs in groups.values():
-        ratios = [r for r in (step_time_ratio(f, s.samples) for s in runs) if r]
+        ratios = [r for r in (step_time_ratio(f, s.samples) for s in runs) if r is not None]
         if len(ratios) > 1:
             spreads.append(max(ratios) / min(ratios) - 1)
     return float(np.median(spreads)) if spreads else None
