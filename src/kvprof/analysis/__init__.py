@@ -17,7 +17,8 @@ import pyarrow as pa
 from kvprof.analysis.arrays import (arrow_column, arrow_table, batch_columns,  # noqa: F401
                                    columns as _columns, numpy_column)
 from kvprof.analysis.batch import Batch, batch
-from kvprof.analysis.device import DeviceTime, device_time
+from kvprof.analysis.device import DeviceTime
+from kvprof.analysis.forward_pass import ForwardSummary, forward_pass
 from kvprof.analysis.host import HostTime, host_time
 from kvprof.analysis.kv import KV, kv
 from kvprof.analysis.latency import KINDS, Latency, latency
@@ -26,6 +27,7 @@ from kvprof.analysis.predict import Requests, StepModel, step_model
 from kvprof.analysis.ranks import Ranks, ranks
 from kvprof.analysis.request_pass import Replay, load_kernels, replay  # noqa: F401 (re-exported)
 from kvprof.analysis.step_model import step_samples
+from kvprof.analysis.step_pass import StepTable, step_pass, window_mask
 from kvprof.analysis.throughput import Throughput, Tokens, throughput
 from kvprof.errors import TraceFormatError, UsageError
 from kvprof.format import schema as S
@@ -33,7 +35,6 @@ from kvprof.format import schema as S
 REPORT_VERSION = "1.2"   # 1.1: host_time; 1.2: ranks
 NEEDED_TABLES = ("request_steps", "requests", "preemptions", "forward", "host_samples", "host_frames")
 STREAMED_TABLES = ("steps", "request_steps", "forward")   # read batch by batch, never whole in Arrow
-STEP_COLUMNS = tuple(f.name for f in S.STEPS)
 FORWARD_COLUMNS = tuple(f.name for f in S.TABLES["forward"])
 NS_PER_S = 1e9
 _REQUEST_COLUMNS = ("req", "arrival_ns", "queued_ns", "first_scheduled_ns", "first_token_ns",
@@ -125,10 +126,10 @@ class Selection:
 def analyze(trace, window: tuple[float | None, float | None] | None = None,
             predict: tuple = ()) -> Analysis:
     """Analyse ``trace``; ``window`` = (start, end) seconds from the trace start, end excluded."""
-    steps = batch_columns(trace.batches("steps"), STEP_COLUMNS)
+    table = step_pass(trace.batches("steps"), trace.path, window)   # every column decoded: checked
+    steps = table.columns
     if steps["step"].size == 0:
         raise EmptyTraceError(f"{trace.path}: the trace holds no steps (empty trace)")
-    check_step_order(steps, trace.path)
     requests = _columns(trace["requests"], _REQUEST_COLUMNS)
     if not (requests["finish_ns"] >= 0).any():
         raise EmptyTraceError(f"{trace.path}: no request finished in the trace "
@@ -136,25 +137,7 @@ def analyze(trace, window: tuple[float | None, float | None] | None = None,
     sel = _selection(steps, window)
     chosen = _in_range(requests["finish_step"], sel.step_range) & (requests["finish_ns"] >= 0)
     result = replay(trace, steps, requests, sel.mask, chosen)
-    return _assemble(trace, window, predict, sel, requests, chosen, result)
-
-
-_STEP_TIMES = ("t_schedule_start_ns", "t_schedule_end_ns", "t_update_start_ns", "t_update_end_ns")
-
-
-def check_step_order(steps: dict, path: str) -> None:
-    """What every recorded trace satisfies: increasing step numbers, schedule starts in
-    order, each row's four times in order on a non-negative clock. A corrupt trace
-    stops here, with one line, instead of overflowing NumPy arithmetic later."""
-    times = [steps[name] for name in _STEP_TIMES]
-    bad = times[0] < 0
-    for earlier, later in zip(times, times[1:]):
-        bad |= earlier > later
-    bad[1:] |= (np.diff(steps["step"]) <= 0) | (np.diff(times[0]) < 0)
-    if bad.any():
-        row = int(np.argmax(bad))
-        raise TraceFormatError(f"{path}: steps row {row} (step {int(steps['step'][row])}): step "
-                               f"numbers or times out of order (corrupt trace?)")
+    return _assemble(trace, window, predict, sel, table, requests, chosen, result)
 
 
 def _selection(steps: dict, window) -> Selection:
@@ -174,18 +157,12 @@ def _in_range(step: np.ndarray, step_range) -> np.ndarray:
 
 def select_steps(schedule_start_ns: np.ndarray, window) -> np.ndarray:
     """Boolean mask of the steps whose schedule start lies in [start, end) seconds."""
-    if window is None:
-        return np.ones(schedule_start_ns.size, bool)
-    start, end = window
-    rel = (schedule_start_ns - schedule_start_ns[0]) / NS_PER_S
-    mask = np.ones(rel.size, bool)
-    if start is not None:
-        mask &= rel >= start
-    if end is not None:
-        mask &= rel < end
+    mask = window_mask(schedule_start_ns, int(schedule_start_ns[0]), window)
     if not mask.any():
+        start, end = window
+        rel = (schedule_start_ns[-1] - schedule_start_ns[0]) / NS_PER_S
         raise UsageError(f"--window {_fmt(start)}:{_fmt(end)} selects no step "
-                         f"(the trace's steps start between 0 and {rel[-1]:.3f} s)")
+                         f"(the trace's steps start between 0 and {rel:.3f} s)")
     return mask
 
 
@@ -193,7 +170,8 @@ def _fmt(value) -> str:
     return "" if value is None else f"{value:g}"
 
 
-def _assemble(trace, window, predict, sel: Selection, requests, chosen, rp: Replay) -> Analysis:
+def _assemble(trace, window, predict, sel: Selection, table: StepTable, requests, chosen,
+              rp: Replay) -> Analysis:
     """Run the per-topic analyses on the selection and the kernel's results."""
     st, mask = sel.steps, sel.mask
     admitted = _in_range(requests["first_scheduled_step"], sel.step_range)
@@ -202,12 +180,12 @@ def _assemble(trace, window, predict, sel: Selection, requests, chosen, rp: Repl
                     output=int(sel.of(rp.emitted).sum()), scheduled=int(st["total_tokens"].sum()))
     engine, run_kv = trace.run.get("engine", {}), trace.run.get("kv", {})
     done = {name: col[chosen] for name, col in requests.items()}
-    kv_result = kv(st, run_kv, tokens.input, tokens.cached_input, int(sel.of(rp.recomputed).sum()))
+    kv_result = kv(st, table.counters, table.kv_capacity, run_kv, tokens.input, tokens.cached_input, int(sel.of(rp.recomputed).sum()))
     batch_result = batch(st, engine)
     # the model's temporaries are the pass's largest: fitted before the forward rows are read
     model = _step_model(sel, rp, done, predict, kv_result, engine, batch_result,
                         tokens.output / sel.duration_s if sel.duration_s else 0.0)
-    forward = batch_columns(trace.batches("forward"), FORWARD_COLUMNS)
+    forward = _forward(trace, sel)
     seen, n_done = int(rp.req_seen.sum()), int(chosen.sum())
     return Analysis(
         path=trace.path, format_version=trace.format_version, window_s=_window_bounds(window),
@@ -216,22 +194,37 @@ def _assemble(trace, window, predict, sel: Selection, requests, chosen, rp: Repl
         throughput=throughput(tokens, n_done, sel.duration_s, sel.span_ns, sel.origin_ns,
                               _events(sel, rp, requests, admitted, chosen)),
         latency=latency(done, rp.itl_values_ns, rp.itl_counts), batch=batch_result, kv=kv_result,
-        memory=memory(st, forward, run_kv.get("bytes_per_block"), sel.step_range),
-        step_time_model=model,
-        device_time=device_time(forward, sel.step_range), ranks=ranks(forward, sel.step_range),
+        memory=memory(st, forward.readings, run_kv.get("bytes_per_block")),
+        step_time_model=model, device_time=forward.device_time,
+        ranks=ranks(forward.rows, sel.step_range) if forward.rows is not None else None,
         timeline=_timeline(sel, rp), all_request_ids=trace["requests"].column("request_id"),
         finished_rows=chosen, run=trace.run, warnings=list(trace.warnings),
         host_time=_host_time(trace, sel, forward), span_ns=sel.span_ns)
 
 
-def _host_time(trace, sel: Selection, forward: dict) -> HostTime | None:
-    if "host_samples" not in trace.tables or "host_frames" not in trace.tables:
+def _forward(trace, sel: Selection) -> ForwardSummary:
+    """The forward table summed in one pass; its rows kept only for ranks or host time
+    (read a second time in the rare trace whose several ranks share one file)."""
+    keep = _has_host_samples(trace) or _several_forward_files(trace)
+    summary = forward_pass(trace.batches("forward", FORWARD_COLUMNS), sel.step_range, keep)
+    if summary.ranks_seen > 1 and summary.rows is None:
+        summary = forward_pass(trace.batches("forward", FORWARD_COLUMNS), sel.step_range, True)
+    return summary
+
+
+def _has_host_samples(trace) -> bool:
+    return "host_samples" in trace.tables and "host_frames" in trace.tables
+
+
+def _several_forward_files(trace) -> bool:
+    stream = trace.streams.get("forward")
+    return len(getattr(stream, "streams", ())) > 1
+
+
+def _host_time(trace, sel: Selection, forward: ForwardSummary) -> HostTime | None:
+    if not _has_host_samples(trace):
         return None
-    forward = {name: forward[name] for name in ("step", "rank", "t_start_ns", "t_end_ns")}
-    if sel.step_range is not None:
-        lo, hi = sel.step_range
-        keep = (forward["step"] >= lo) & (forward["step"] <= hi)
-        forward = {name: col[keep] for name, col in forward.items()}
+    forward = {name: forward.rows[name] for name in ("step", "rank", "t_start_ns", "t_end_ns")}
     rate = (trace.end_records.get("engine_core", {}).get("py_spy") or {}).get("rate_hz")
     return host_time(trace["host_samples"], trace["host_frames"], sel.steps, forward, rate)
 

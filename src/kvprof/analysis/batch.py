@@ -42,10 +42,11 @@ def _share(mask: np.ndarray) -> float:
 
 
 def batch(steps: Mapping[str, np.ndarray], engine: Mapping) -> Batch:
-    """Composition of the given (selected) steps; ``engine`` is the run's engine config."""
+    """Composition of the given (selected) steps (``step_pass`` columns); ``engine`` is the
+    run's engine config."""
     running, waiting = steps["num_running"], steps["num_waiting"]
     decode = steps["num_decode_reqs"]
-    prefill = steps["num_prefill_reqs"] + steps["num_chunked_reqs"] + steps["num_resumed_reqs"]
+    prefill = steps["prefill_reqs"]        # prefill + chunked (and recompute) + resumed
     total, prefill_tokens = steps["total_tokens"], steps["prefill_tokens"]
     max_seqs, budget = engine.get("max_num_seqs"), engine.get("max_num_batched_tokens")
     p50, p90 = np.percentile(running, (50, 90))

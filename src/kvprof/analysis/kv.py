@@ -33,19 +33,15 @@ class KV:
         return dict(self.__dict__)
 
 
-def blocks_total(run_kv: Mapping, steps: Mapping[str, np.ndarray]) -> int | None:
-    """From the run metadata; else the largest used + free seen (the pool is fixed)."""
-    total = run_kv.get("usable_blocks")
-    if total is None and steps["kv_blocks_used"].size:
-        total = int((steps["kv_blocks_used"] + steps["kv_blocks_free"]).max())
-    return total
-
-
-def kv(steps: Mapping[str, np.ndarray], run_kv: Mapping, prompt_tokens: int, cached_tokens: int,
-       recomputed_tokens: int) -> KV:
-    """``prompt_tokens`` / ``cached_tokens``: of the requests admitted in the selection."""
+def kv(steps: Mapping[str, np.ndarray], counters: Mapping[str, int], capacity: int | None,
+       run_kv: Mapping, prompt_tokens: int, cached_tokens: int, recomputed_tokens: int) -> KV:
+    """``steps``: the selected steps' kept columns; ``counters``: their block, prefix-hit and
+    preemption columns summed; ``capacity``: their largest used + free blocks (the pool
+    size when the run metadata lacks it). ``prompt_tokens`` / ``cached_tokens``: of the
+    requests admitted in the selection."""
     used = steps["kv_blocks_used"]
-    total = blocks_total(run_kv, steps)
+    total = run_kv.get("usable_blocks")
+    total = capacity if total is None else total
     per_block = run_kv.get("bytes_per_block")
     peak, mean = int(used.max()), float(used.mean())
     return KV(
@@ -54,13 +50,9 @@ def kv(steps: Mapping[str, np.ndarray], run_kv: Mapping, prompt_tokens: int, cac
         peak_utilization=peak / total if total else None,
         mean_utilization=mean / total if total else None,
         peak_bytes_used=peak * per_block if per_block is not None else None,
-        blocks_allocated=int(steps["blocks_allocated"].sum()),
-        blocks_freed=int(steps["blocks_freed"].sum()),
-        blocks_revived=int(steps["blocks_revived"].sum()),
-        blocks_evicted=int(steps["blocks_evicted"].sum()),
+        blocks_allocated=counters["blocks_allocated"], blocks_freed=counters["blocks_freed"],
+        blocks_revived=counters["blocks_revived"], blocks_evicted=counters["blocks_evicted"],
         prefix_hit_rate=cached_tokens / prompt_tokens if prompt_tokens else 0.0,
-        prefix_hit_tokens=int(steps["prefix_hit_tokens"].sum()),
-        preemptions=int(steps["preemptions"].sum()),
-        preempted_tokens=int(steps["preempted_tokens"].sum(dtype=np.int64)),
-        recomputed_tokens=int(recomputed_tokens),
+        prefix_hit_tokens=counters["prefix_hit_tokens"], preemptions=counters["preemptions"],
+        preempted_tokens=counters["preempted_tokens"], recomputed_tokens=int(recomputed_tokens),
     )

@@ -59,14 +59,10 @@ def forward_rows(forward: Mapping[str, np.ndarray], step_range: tuple[int, int] 
     return (step >= step_range[0]) & (step <= step_range[1])
 
 
-def memory(steps: Mapping[str, np.ndarray], forward: Mapping[str, np.ndarray],
-           bytes_per_block: int | None, step_range: tuple[int, int] | None) -> Memory:
-    """``forward``: the forward table's columns, nullable ones as float64 with NaN for null."""
-    readings = {"engine_rss_bytes": reading(steps["rss_bytes"])}
-    rows = forward_rows(forward, step_range)
-    for name, column in FORWARD_READINGS.items():
-        values = forward[column][rows]
-        readings[name] = reading(values[~np.isnan(values)] if values.dtype.kind == "f" else values)
+def memory(steps: Mapping[str, np.ndarray], forward_readings: Mapping[str, Reading],
+           bytes_per_block: int | None) -> Memory:
+    """``forward_readings``: the workers' series, summed by ``forward_pass``."""
+    readings = {"engine_rss_bytes": reading(steps["rss_bytes"]), **forward_readings}
     used = steps["kv_blocks_used"].astype(np.int64)
     readings["kv_in_use_bytes"] = reading(used * bytes_per_block) if bytes_per_block else Reading(0)
     return Memory(readings)

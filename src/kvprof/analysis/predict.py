@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvprof.analysis.step_model import (COEFFICIENTS, TERM_NAMES, Fit, StepSamples, design_matrix,
+from kvprof.analysis.step_model import (COEFFICIENTS, TERM_NAMES, Fit, StepSamples,
                                         fit, step_samples)
 
 REFUSE_SPREAD = 0.25   # equally good models disagree by more than this: no number
@@ -153,11 +153,10 @@ def predict(f: Fit, requests: Requests, batch_size: int, token_budget: int | Non
             block_size: int | None = None, blocks_total: int | None = None) -> Prediction:
     """Throughput, step time, TPOT and latency at ``batch_size`` with an interval."""
     s = simulate(requests, batch_size, token_budget)
-    x = design_matrix(s.decode, s.prefill, s.context)
     best = f.vector
     draws = f.draws if f.draws is not None else best[None, :]
     tokens = float(np.maximum(requests.output, 1).sum())
-    totals = x.sum(axis=0)                  # the run's time is totals @ costs: one sum per draw
+    totals = term_totals(s)                 # the run's time is totals @ costs: one sum per draw
     rate = lambda coef: tokens / float(totals @ coef) * 1e9  # noqa: E731
     low, high = np.percentile([rate(c) for c in draws], [2.5, 97.5])
     others = [rate(c) for c in f.alternatives]     # equally good models widen the interval
@@ -167,16 +166,16 @@ def predict(f: Fit, requests: Requests, batch_size: int, token_budget: int | Non
     running = _running(s)
     extrapolated = bool(running.max(initial=0) > f.max_running)   # more in flight than ever fitted
     refused = None
-    unknown = [COEFFICIENTS[j] for j in f.absent() if x[:, j].any()]
+    unknown = [COEFFICIENTS[j] for j in f.absent() if totals[j] > 0]
     if unknown:
         refused = f"the workload needs {', '.join(unknown)}, which the data never exercised"
     elif f.alternatives and extrapolated and (high - low) / point > REFUSE_SPREAD:
         refused = (f"the data cannot separate {', '.join(f.unseparable)} "
                    f"and the models that fit it equally well disagree here "
                    f"({low:,.0f}–{high:,.0f} tokens/s)")
-    times = x @ best
-    shares = x * best / times.sum()
-    share = dict(zip(COEFFICIENTS, map(float, shares.sum(axis=0))))
+    times = best[0] + s.decode * best[1] + s.prefill * best[2] + s.context * best[3]
+    shares = totals * best / times.sum()
+    share = dict(zip(COEFFICIENTS, map(float, shares)))
     blocks = kv_blocks_needed(requests, batch_size, block_size)
     latency = _latency(s, times, requests)
     return Prediction(
@@ -186,10 +185,16 @@ def predict(f: Fit, requests: Requests, batch_size: int, token_budget: int | Non
         mean_ttft_ms=None if refused else latency[2],
         mean_running=float(running.mean()) if running.size else 0.0,
         extrapolated=extrapolated,
-        dominant_term=TERM_NAMES[int(np.argmax(shares.sum(axis=0)))] if not refused else None,
+        dominant_term=TERM_NAMES[int(np.argmax(shares))] if not refused else None,
         term_shares=share, kv_blocks_needed=blocks,
         fits_kv=blocks <= blocks_total if blocks is not None and blocks_total else None,
         refused=refused)
+
+
+def term_totals(s: Schedule) -> np.ndarray:
+    """The design's column sums over the simulated steps (steps, decodes, prefill and
+    context tokens), without the steps x 4 matrix: a day's schedule is millions of steps."""
+    return np.array([s.decode.size, s.decode.sum(), s.prefill.sum(), s.context.sum()], np.float64)
 
 
 def _running(s: Schedule) -> np.ndarray:

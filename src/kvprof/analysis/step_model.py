@@ -23,6 +23,7 @@ MIN_STEPS = 8
 BOOTSTRAP_DRAWS = 200
 COLLINEAR_R2 = 0.995       # a column explained this well by the others cannot be told apart
 F99 = 6.63                 # 99 % point of chi2(1): "fits as well" (see alternatives)
+CHUNK = 1 << 16            # steps whose design matrix is built at once
 
 
 def nnls(a: np.ndarray, b: np.ndarray, max_iter: int | None = None) -> np.ndarray:
@@ -129,69 +130,125 @@ class Fit:
                 "alternatives": [dict(zip(COEFFICIENTS, map(float, v))) for v in self.alternatives]}
 
 
-def solve(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """NNLS with the columns scaled to [0, 1] (conditioning); coefficients in ns. With
-    x = QR, |x c - y|² = |R c - Qᵀy|² + a constant: the active-set loop runs on 4 rows."""
-    scale = np.abs(x).max(axis=0)
+@dataclass
+class Moments:
+    """The design's sums, gathered chunk by chunk: the fit never builds the steps x 4 matrix."""
+
+    gram: np.ndarray        # xᵀx
+    xy: np.ndarray          # xᵀy
+    yy: float
+    n: int
+    low: np.ndarray         # per column
+    high: np.ndarray
+    scale: np.ndarray       # max |x| per column (1 where 0): columns scaled to [0, 1]
+
+    @property
+    def scaled_gram(self) -> np.ndarray:
+        return self.gram / np.outer(self.scale, self.scale)
+
+
+def chunks(samples: StepSamples):
+    """(design, cycle) of consecutive pieces of the samples, CHUNK steps at most."""
+    n = len(samples.cycle_ns)
+    for lo in range(0, n, CHUNK):
+        hi = min(lo + CHUNK, n)
+        yield (design_matrix(samples.decode[lo:hi], samples.prefill[lo:hi], samples.context[lo:hi]),
+               np.asarray(samples.cycle_ns[lo:hi], np.float64))
+
+
+def moments(samples: StepSamples) -> Moments:
+    p = len(COEFFICIENTS)
+    gram, xy, yy = np.zeros((p, p)), np.zeros(p), 0.0
+    low, high = np.full(p, np.inf), np.full(p, -np.inf)
+    for x, y in chunks(samples):
+        gram += x.T @ x
+        xy += x.T @ y
+        yy += float(y @ y)
+        low, high = np.minimum(low, x.min(axis=0)), np.maximum(high, x.max(axis=0))
+    scale = np.maximum(np.abs(low), np.abs(high))
     scale[scale == 0] = 1.0
-    q, r = np.linalg.qr(x / scale)
-    return nnls(r, q.T @ y) / scale
+    return Moments(gram, xy, yy, len(samples.cycle_ns), low, high, scale)
+
+
+def solve(m: Moments, samples: StepSamples) -> np.ndarray:
+    """NNLS from the normal equations of the columns scaled to [0, 1] (conditioning);
+    coefficients in ns. The active-set loop runs on the 4 x 4 Cholesky factor. The
+    normal equations square the design's condition number: one step of iterative
+    refinement on the residual, summed chunk by chunk, wins back the lost digits."""
+    coef = solve_normal(m.scaled_gram, m.xy / m.scale) / m.scale
+    free = coef > 0
+    if not free.any():
+        return coef
+    gradient = sum(x.T @ (y - x @ coef) for x, y in chunks(samples)) / m.scale
+    g = m.scaled_gram[np.ix_(free, free)]
+    refined = coef.copy()
+    refined[free] += np.linalg.lstsq(g, gradient[free], rcond=None)[0] / m.scale[free]
+    return refined if (refined[free] > 0).all() else coef
 
 
 def fit(samples: StepSamples, draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> Fit:
     """Fit, bootstrap, and name what the design cannot separate; no model on too few steps."""
-    x, y = samples.design(), np.asarray(samples.cycle_ns, np.float64)
-    n = len(y)
-    if n < MIN_STEPS or not (np.isfinite(x).all() and np.isfinite(y).all()):
+    n = len(samples.cycle_ns)
+    if n < MIN_STEPS or not all(np.isfinite(np.asarray(v, np.float64)).all() for v in
+                                (samples.cycle_ns, samples.decode, samples.prefill, samples.context)):
         return Fit(None, None, None, n, samples.max_running)
-    coef = solve(x, y)
-    residual = y - x @ coef
-    rss = float(residual @ residual)
-    total = float(((y - y.mean()) ** 2).sum())
-    unseparable = separability(x)
+    m = moments(samples)
+    coef = solve(m, samples)
+    rss = sum(float(((y - x @ coef) ** 2).sum()) for x, y in chunks(samples))
+    mean_y = m.xy[0] / n
+    total = sum(float(((y - mean_y) ** 2).sum()) for _, y in chunks(samples))
+    unseparable = separability(m)
     return Fit(dict(zip(COEFFICIENTS, map(float, coef))),
                1.0 - rss / total if total > 0 else 1.0, float(np.sqrt(rss / n) / 1e6), n,
-               samples.max_running, bootstrap(x, y, draws, seed), unseparable,
-               alternatives(x, y, rss, coef, unseparable))
+               samples.max_running, bootstrap(samples, m.scale, draws, seed), unseparable,
+               alternatives(m, rss, coef, unseparable))
 
 
-def separability(x: np.ndarray) -> dict[str, str]:
+def _regressed(m: Moments, j: int) -> tuple[list[int], np.ndarray, float, float]:
+    """Column j regressed on the others, from the scaled normal equations: (the others,
+    weights in scaled units, residual and total sums of squares of the scaled column)."""
+    g = m.scaled_gram
+    others = [k for k in range(g.shape[0]) if k != j]
+    w = np.linalg.lstsq(g[np.ix_(others, others)], g[others, j], rcond=None)[0]
+    residual = float(g[j, j] - 2 * w @ g[others, j] + w @ g[np.ix_(others, others)] @ w)
+    total = float(g[j, j] - g[0, j] ** 2 / g[0, 0])
+    return others, w, max(residual, 0.0), total
+
+
+def separability(m: Moments) -> dict[str, str]:
     """Terms whose column never varied or is (nearly) a combination of the others."""
     out = {}
-    for j in range(1, x.shape[1]):
-        column = x[:, j]
-        if np.ptp(column) == 0:
+    for j in range(1, len(COEFFICIENTS)):
+        if m.low[j] == m.high[j]:
             what = TERM_NAMES[j].removeprefix("per ")
-            out[COEFFICIENTS[j]] = (f"no {what}s in the data" if column[0] == 0 else
-                                    f"{what}s never varied (always {column[0]:g})")
+            out[COEFFICIENTS[j]] = (f"no {what}s in the data" if m.low[j] == 0 else
+                                    f"{what}s never varied (always {m.low[j]:g})")
             continue
-        others = np.delete(x, j, axis=1)
-        fitted = others @ np.linalg.lstsq(others, column, rcond=None)[0]
-        r2 = 1 - float(((column - fitted) ** 2).sum()) / float(((column - column.mean()) ** 2).sum())
+        _, _, residual, total = _regressed(m, j)
+        r2 = 1 - residual / total if total > 0 else 1.0
         if r2 >= COLLINEAR_R2:
             out[COEFFICIENTS[j]] = (f"{TERM_NAMES[j].removeprefix('per ')} moved in step with the "
                                     f"other terms (R² {r2:.4f})")
     return out
 
 
-def alternatives(x: np.ndarray, y: np.ndarray, best_rss: float, best: np.ndarray,
+def alternatives(m: Moments, best_rss: float, best: np.ndarray,
                  unseparable: dict[str, str]) -> list[np.ndarray]:
     """For each unseparable term, the two ends of the costs that fit the data as well as the
     best: move along the direction that trades the term for the combination of the others
     it follows, as far as costs stay non-negative and the residual sum of squares grows by
     less than the 99 % point of chi2(1) times the noise variance."""
-    n, p = x.shape
-    sigma2 = max(best_rss / max(n - p, 1), 1e-12 * float(np.mean(y ** 2)))
+    n, p = m.n, len(COEFFICIENTS)
+    sigma2 = max(best_rss / max(n - p, 1), 1e-12 * m.yy / n)
     out = []
     for name in unseparable:
         j = COEFFICIENTS.index(name)
-        if not x[:, j].any():
+        if m.low[j] == 0 and m.high[j] == 0:
             continue
-        others = [k for k in range(p) if k != j]
-        w = np.linalg.lstsq(x[:, others], x[:, j], rcond=None)[0]
-        direction = np.zeros(p)
-        direction[j], direction[others] = 1.0, -w
-        off = float(((x[:, j] - x[:, others] @ w) ** 2).sum())
+        others, w_scaled, off_scaled, _ = _regressed(m, j)
+        direction = np.zeros(p)      # in ns units: x_j - x_others w
+        direction[j], direction[others] = 1.0, -w_scaled * m.scale[j] / m.scale[others]
+        off = off_scaled * m.scale[j] ** 2
         reach = np.sqrt(F99 * sigma2 / off) if off > 0 else np.inf
         for sign in (1.0, -1.0):
             d = sign * direction
@@ -202,7 +259,7 @@ def alternatives(x: np.ndarray, y: np.ndarray, best_rss: float, best: np.ndarray
     return out
 
 
-def bootstrap(x: np.ndarray, y: np.ndarray, draws: int, seed: int) -> np.ndarray:
+def bootstrap(samples: StepSamples, scale: np.ndarray, draws: int, seed: int) -> np.ndarray:
     """Coefficients refitted on moving-block resamples of the steps. A draw's normal
     equations are sums of its blocks' (prefix sums of each step's x xᵀ and x y), so a draw
     costs its number of blocks, not its number of steps (summed by a numba kernel).
@@ -212,14 +269,11 @@ def bootstrap(x: np.ndarray, y: np.ndarray, draws: int, seed: int) -> np.ndarray
     bootstrap needs 14 x 8 bytes per stride instead of per step."""
     from kvprof.analysis._kernels import block_sums
 
-    n, p = x.shape
+    n, p = len(samples.cycle_ns), len(COEFFICIENTS)
     block = max(1, min(n // 4, int(round(n ** (1 / 3)))))
     stride = max(1, block // 8)
     per_block = max(1, block // stride)                 # a block is a whole number of strides
-    scale = np.abs(x).max(axis=0)
-    scale[scale == 0] = 1.0
-    xs = x / scale
-    prefix = _stride_prefix(xs, y, stride)
+    prefix = _stride_prefix(samples, scale, stride)
     starts = np.random.default_rng(seed).integers(0, prefix.shape[0] - per_block,
                                                    size=(draws, -(-n // (per_block * stride))))
     sums = block_sums(prefix, starts, per_block)
@@ -233,18 +287,25 @@ def bootstrap(x: np.ndarray, y: np.ndarray, draws: int, seed: int) -> np.ndarray
     return out
 
 
-def _stride_prefix(xs: np.ndarray, y: np.ndarray, stride: int) -> np.ndarray:
-    """Prefix sums, every ``stride`` steps, of each step's x xᵀ (its upper half: it is
-    symmetric) and x y; steps after the last whole stride are left out."""
-    n, p = xs.shape
-    m = n // stride
+def _stride_prefix(samples: StepSamples, scale: np.ndarray, stride: int) -> np.ndarray:
+    """Prefix sums, every ``stride`` steps, of each step's scaled x xᵀ (its upper half: it
+    is symmetric) and x y; steps after the last whole stride are left out. Built a chunk
+    of whole strides at a time."""
+    p = len(COEFFICIENTS)
+    m = len(samples.cycle_ns) // stride
     upper = np.triu_indices(p)
     prefix = np.zeros((m + 1, upper[0].size + p))
-    products = [(xs[:, i], xs[:, j]) for i, j in zip(*upper)] + [(xs[:, j], y) for j in range(p)]
-    for k, (a, b) in enumerate(products):
-        per_step = a[:m * stride] * b[:m * stride]
-        np.cumsum(per_step.reshape(m, stride).sum(axis=1) if stride > 1 else per_step,
-                  out=prefix[1:, k])
+    per_chunk = max(1, CHUNK // stride) * stride
+    for lo in range(0, m * stride, per_chunk):
+        hi = min(lo + per_chunk, m * stride)
+        xs = design_matrix(samples.decode[lo:hi], samples.prefill[lo:hi], samples.context[lo:hi]) / scale
+        y = np.asarray(samples.cycle_ns[lo:hi], np.float64)
+        products = [(xs[:, i], xs[:, j]) for i, j in zip(*upper)] + [(xs[:, j], y) for j in range(p)]
+        rows = slice(1 + lo // stride, 1 + hi // stride)
+        for k, (a, b) in enumerate(products):
+            per_step = a * b
+            prefix[rows, k] = per_step.reshape(-1, stride).sum(axis=1) if stride > 1 else per_step
+    np.cumsum(prefix[1:], axis=0, out=prefix[1:])
     return prefix
 
 
