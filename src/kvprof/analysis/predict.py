@@ -124,7 +124,7 @@ def simulate(requests: Requests, batch_size: int, token_budget: int | None) -> S
     composition, admitted, first, finished = simulate_schedule(
         as_int(requests.prompt), as_int(requests.cached), as_int(requests.output),
         int(batch_size), int(token_budget or 1 << 30), int(requests.lag))
-    decode, prefill, context = composition.astype(np.float64).T
+    decode, prefill, context = composition.T        # views: a day's schedule is long
     return Schedule(decode, prefill, context, admitted, first, finished)
 
 

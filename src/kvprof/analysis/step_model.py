@@ -55,7 +55,8 @@ def nnls(a: np.ndarray, b: np.ndarray, max_iter: int | None = None) -> np.ndarra
 
 @dataclass
 class StepSamples:
-    """The fitted steps: cycle time and composition, and which source each came from."""
+    """The fitted steps: cycle time and composition (integers from a trace, float64 once
+    joined), and which source each came from."""
 
     cycle_ns: np.ndarray
     decode: np.ndarray
@@ -76,12 +77,13 @@ class StepSamples:
 def step_samples(start_ns, busy, decode, prefill, context, max_running: int) -> StepSamples:
     """The busy steps that have a next step (the last one's cycle is unknown), with their
     cycle: schedule start to the next schedule start."""
-    start_ns = np.asarray(start_ns, np.int64)
     keep = np.asarray(busy, bool).copy()
     keep[-1:] = False
-    cycle = np.append(np.diff(start_ns), 0)
-    return StepSamples(*(np.asarray(v)[keep].astype(np.float64)
-                         for v in (cycle, decode, prefill, context)), max_running)
+    kept = np.flatnonzero(keep)
+    start_ns = np.asarray(start_ns, np.int64)
+    cycle = start_ns[kept + 1] - start_ns[kept]
+    return StepSamples(cycle, *(np.asarray(v)[kept] for v in (decode, prefill, context)),
+                       max_running)
 
 
 def design_matrix(decode, prefill, context) -> np.ndarray:
@@ -189,8 +191,8 @@ def solve(m: Moments, samples: StepSamples) -> np.ndarray:
 def fit(samples: StepSamples, draws: int = BOOTSTRAP_DRAWS, seed: int = 0) -> Fit:
     """Fit, bootstrap, and name what the design cannot separate; no model on too few steps."""
     n = len(samples.cycle_ns)
-    if n < MIN_STEPS or not all(np.isfinite(np.asarray(v, np.float64)).all() for v in
-                                (samples.cycle_ns, samples.decode, samples.prefill, samples.context)):
+    columns = (samples.cycle_ns, samples.decode, samples.prefill, samples.context)
+    if n < MIN_STEPS or not all(np.isfinite(v).all() for v in columns if v.dtype.kind == "f"):
         return Fit(None, None, None, n, samples.max_running)
     m = moments(samples)
     coef = solve(m, samples)
