@@ -85,3 +85,14 @@ def test_an_empty_forward_table_measures_nothing():
     assert got.device_time.steps == 0 and got.ranks_seen == 0
     assert all(r.samples == 0 for r in got.readings.values())
     assert got.rows["step"].size == 0
+
+
+def test_negative_or_missing_device_time_is_a_corrupt_trace():
+    from kvprof.errors import TraceFormatError
+    table = forward_table(n_steps=20, measured_from=0)
+    gemm = np.asarray(table["dev_gemm_ns"]).copy()
+    gemm[5] = -1
+    broken = table.set_column(table.schema.get_field_index("dev_gemm_ns"), "dev_gemm_ns",
+                              pa.array(gemm, pa.int64()))
+    with pytest.raises(TraceFormatError, match="t.arrow: forward: dev_gemm_ns negative"):
+        forward_pass(broken.to_batches(), None, False, "t.arrow")

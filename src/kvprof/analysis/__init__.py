@@ -206,9 +206,11 @@ def _forward(trace, sel: Selection) -> ForwardSummary:
     """The forward table summed in one pass; its rows kept only for ranks or host time
     (read a second time in the rare trace whose several ranks share one file)."""
     keep = _has_host_samples(trace) or _several_forward_files(trace)
-    summary = forward_pass(trace.batches("forward", FORWARD_COLUMNS), sel.step_range, keep)
+    summary = forward_pass(trace.batches("forward", FORWARD_COLUMNS), sel.step_range, keep,
+                           trace.path)
     if summary.ranks_seen > 1 and summary.rows is None:
-        summary = forward_pass(trace.batches("forward", FORWARD_COLUMNS), sel.step_range, True)
+        summary = forward_pass(trace.batches("forward", FORWARD_COLUMNS), sel.step_range, True,
+                               trace.path)
     return summary
 
 

@@ -16,6 +16,7 @@ from kvprof.analysis.arrays import batch_columns
 from kvprof.analysis.device import DeviceTime, PerStep
 from kvprof.analysis.memory import FORWARD_READINGS, Reading, forward_rows
 from kvprof.analysis.quantiles import Quantiles
+from kvprof.errors import TraceFormatError
 from kvprof.recorder.kernels import CATEGORIES, COLUMNS
 
 ROW_COLUMNS = ("step", "rank", "t_start_ns", "t_end_ns", "device_ns")
@@ -62,7 +63,7 @@ class DeviceSums:
     kernels_on_device_ns: float = 0.0    # kernel time of the rows that also have device_ns
     device_ns: float = 0.0
 
-    def add(self, cols: dict, rows: np.ndarray) -> None:
+    def add(self, cols: dict, rows: np.ndarray, path: str) -> None:
         rows = rows & ~np.isnan(cols["dev_records"].astype(np.float64))
         if not rows.any():
             return
@@ -72,6 +73,9 @@ class DeviceSums:
         measured = ~np.isnan(device)
         for name, column in zip(CATEGORIES, COLUMNS):
             values = cols[column][rows].astype(np.float64)
+            if not (values >= 0).all():    # NaN too: the collector writes all or none
+                raise TraceFormatError(f"{path}: forward: {column} negative or missing where "
+                                       f"dev_records is set (corrupt trace?)")
             self.per_category[name].add(values)
             self.kernels_on_device_ns += float(values[measured].sum())
         self.device_ns += float(device[measured].sum())
@@ -103,7 +107,8 @@ class ForwardSummary:
     ranks_seen: int
 
 
-def forward_pass(batches, step_range: tuple[int, int] | None, keep_rows: bool) -> ForwardSummary:
+def forward_pass(batches, step_range: tuple[int, int] | None, keep_rows: bool,
+                 path: str = "") -> ForwardSummary:
     """One pass over ``batches`` (record batches of the forward table, every column)."""
     sums = {name: ReadingSum() for name in FORWARD_READINGS}
     device = DeviceSums()
@@ -118,7 +123,7 @@ def forward_pass(batches, step_range: tuple[int, int] | None, keep_rows: bool) -
             values = cols[column][rows]
             sums[name].add(values[~np.isnan(values)] if values.dtype.kind == "f" else values)
         if all(column in cols for column in COLUMNS):
-            device.add(cols, rows)
+            device.add(cols, rows, path)
         ranks.update(np.unique(cols["rank"][rows & (cols["step"] >= 0)]).tolist())
         if keep_rows:
             kept.append({name: cols[name][rows] for name in ROW_COLUMNS})
