@@ -18,7 +18,7 @@ from kvprof.analysis.arrays import (arrow_column, arrow_table, batch_columns,  #
                                    columns as _columns, numpy_column)
 from kvprof.analysis.batch import Batch, batch
 from kvprof.analysis.device import DeviceTime
-from kvprof.analysis.forward_pass import ForwardSummary, forward_pass
+from kvprof.analysis.forward_pass import ROW_COLUMNS, ForwardSummary, forward_pass
 from kvprof.analysis.host import HostTime, host_time
 from kvprof.analysis.kv import KV, kv
 from kvprof.analysis.latency import KINDS, Latency, latency
@@ -180,7 +180,8 @@ def _assemble(trace, window, predict, sel: Selection, table: StepTable, requests
                     output=int(sel.of(rp.emitted).sum()), scheduled=int(st["total_tokens"].sum()))
     engine, run_kv = trace.run.get("engine", {}), trace.run.get("kv", {})
     done = {name: col[chosen] for name, col in requests.items()}
-    kv_result = kv(st, table.counters, table.kv_capacity, run_kv, tokens.input, tokens.cached_input, int(sel.of(rp.recomputed).sum()))
+    kv_result = kv(st, table.counters, table.kv_capacity, run_kv, tokens.input,
+                   tokens.cached_input, rp.recomputed)
     batch_result = batch(st, engine)
     # the model's temporaries are the pass's largest: fitted before the forward rows are read
     model = _step_model(sel, rp, done, predict, kv_result, engine, batch_result,
@@ -215,6 +216,10 @@ def _forward(trace, sel: Selection) -> ForwardSummary:
 
 
 def _has_host_samples(trace) -> bool:
+    return _has_host_tables(trace) and trace.tables["host_samples"].num_rows > 0
+
+
+def _has_host_tables(trace) -> bool:
     return "host_samples" in trace.tables and "host_frames" in trace.tables
 
 
@@ -224,9 +229,10 @@ def _several_forward_files(trace) -> bool:
 
 
 def _host_time(trace, sel: Selection, forward: ForwardSummary) -> HostTime | None:
-    if not _has_host_samples(trace):
+    if not _has_host_tables(trace):
         return None
-    forward = {name: forward.rows[name] for name in ("step", "rank", "t_start_ns", "t_end_ns")}
+    rows = forward.rows or {name: np.empty(0, np.int64) for name in ROW_COLUMNS}
+    forward = {name: rows[name] for name in ("step", "rank", "t_start_ns", "t_end_ns")}
     rate = (trace.end_records.get("engine_core", {}).get("py_spy") or {}).get("rate_hz")
     return host_time(trace["host_samples"], trace["host_frames"], sel.steps, forward, rate)
 

@@ -17,10 +17,16 @@ def batch_columns(batches, names: tuple[str, ...]) -> dict[str, np.ndarray]:
     for batch in batches:
         for name in names:
             chunks[name].append(numpy_column(pa.chunked_array([batch.column(name)])))
+    return joined(chunks)
+
+
+def joined(parts: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    """Each column's pieces joined and let go one column at a time, so that the pieces
+    and the result are never all in memory together. Empties ``parts``."""
     out = {}
-    for name in names:
-        parts = chunks.pop(name)
-        out[name] = np.concatenate(parts) if parts else np.empty(0, np.int64)
+    for name in list(parts):
+        pieces = parts.pop(name)
+        out[name] = np.concatenate(pieces) if pieces else np.empty(0, np.int64)
     return out
 
 

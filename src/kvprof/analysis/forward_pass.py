@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvprof.analysis.arrays import batch_columns
+from kvprof.analysis.arrays import batch_columns, joined
 from kvprof.analysis.device import DeviceTime, PerStep
 from kvprof.analysis.memory import FORWARD_READINGS, Reading, forward_rows
 from kvprof.analysis.quantiles import Quantiles
@@ -112,7 +112,7 @@ def forward_pass(batches, step_range: tuple[int, int] | None, keep_rows: bool,
     """One pass over ``batches`` (record batches of the forward table, every column)."""
     sums = {name: ReadingSum() for name in FORWARD_READINGS}
     device = DeviceSums()
-    kept: list[dict] = []
+    kept: dict[str, list[np.ndarray]] = {name: [] for name in ROW_COLUMNS}
     ranks: set[int] = set()
     names = None
     for batch in batches:
@@ -126,12 +126,7 @@ def forward_pass(batches, step_range: tuple[int, int] | None, keep_rows: bool,
             device.add(cols, rows, path)
         ranks.update(np.unique(cols["rank"][rows & (cols["step"] >= 0)]).tolist())
         if keep_rows:
-            kept.append({name: cols[name][rows] for name in ROW_COLUMNS})
-    rows_kept = {name: _joined([part[name] for part in kept]) for name in ROW_COLUMNS} \
-        if keep_rows else None
+            for name in ROW_COLUMNS:
+                kept[name].append(cols[name][rows])
     return ForwardSummary({name: s.reading() for name, s in sums.items()}, device.result(),
-                          rows_kept, len(ranks))
-
-
-def _joined(parts: list[np.ndarray]) -> np.ndarray:
-    return np.concatenate(parts) if parts else np.empty(0, np.int64)
+                          joined(kept) if keep_rows else None, len(ranks))

@@ -23,11 +23,12 @@ ROW_DTYPES = {"step": np.int32, "req": np.int32, "phase": np.uint8, "tokens": np
 
 @dataclass
 class Replay:
-    """What the kernel's pass over request_steps gives back, per step (all steps) and per request."""
+    """What the kernel's pass over request_steps gives back, per step (all steps) and per
+    request."""
 
     context: np.ndarray
     emitted: np.ndarray
-    recomputed: np.ndarray
+    recomputed: int          # tokens recomputed in the selected steps
     itl_values_ns: np.ndarray
     itl_counts: np.ndarray
     req_emitted: np.ndarray
@@ -112,18 +113,20 @@ def replay(trace, steps: dict, requests: dict, in_window: np.ndarray, chosen: np
             if start < record_batch.num_rows:
                 state.grow_other()
     other = state.other[:state.totals[kernels.TOTAL_OTHER_GAPS]]
-    return _replay_result(kernels, state.per_step, state.per_req, other, state.totals, end_ns)
+    return _replay_result(kernels, state.per_step, state.per_req, other, state.totals, end_ns,
+                          in_window)
 
 
-def _replay_result(k, per_step, per_req, other, totals, end_ns) -> Replay:
+def _replay_result(k, per_step, per_req, other, totals, end_ns, in_window) -> Replay:
     """ITL as (value, count) pairs: adjacent-step gaps counted per step, the rest one by one."""
     next_gaps = per_step[:, k.STEP_NEXT_GAPS]
     adjacent = np.flatnonzero(next_gaps[1:]) + 1
     values = np.concatenate([end_ns[adjacent] - end_ns[adjacent - 1], other])
     counts = np.concatenate([next_gaps[adjacent], np.ones(other.size, np.int64)])
-    return Replay(per_step[:, k.STEP_CONTEXT], per_step[:, k.STEP_EMITTED],
-                  per_step[:, k.STEP_RECOMPUTED], values, counts, per_req[:, k.REQ_EMITTED],
-                  per_req[:, k.REQ_SEEN],
+    # columns copied out, so that the (steps x 4) and (requests x 4) state can go
+    return Replay(per_step[:, k.STEP_CONTEXT].copy(), per_step[:, k.STEP_EMITTED].copy(),
+                  int(per_step[in_window, k.STEP_RECOMPUTED].sum()), values, counts,
+                  per_req[:, k.REQ_EMITTED].copy(), per_req[:, k.REQ_SEEN].copy(),
                   int(totals[k.TOTAL_DECODE_CONTEXT]), int(totals[k.TOTAL_DECODE_ROWS]))
 
 

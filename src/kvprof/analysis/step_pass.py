@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvprof.analysis.arrays import batch_columns
+from kvprof.analysis.arrays import batch_columns, joined
 from kvprof.errors import TraceFormatError
 
 NS_PER_S = 1e9
@@ -57,16 +57,7 @@ def step_pass(batches, path: str, window=None) -> StepTable:
             kept[name].append(cols[name])
         kept["prefill_reqs"].append(sum(cols[name] for name in PREFILL_REQUESTS))
         previous, rows = (int(cols["step"][-1]), int(cols["t_schedule_start_ns"][-1])), rows + cols["step"].size
-    return StepTable(_joined(kept), counters, capacity)
-
-
-def _joined(parts: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
-    """Each column's pieces joined, and let go one column at a time (never all twice)."""
-    columns = {}
-    for name in list(parts):
-        pieces = parts.pop(name)
-        columns[name] = np.concatenate(pieces) if pieces else np.empty(0, np.int64)
-    return columns
+    return StepTable(joined(kept), counters, capacity)
 
 
 def window_mask(schedule_start_ns: np.ndarray, origin_ns: int, window) -> np.ndarray:
