@@ -177,3 +177,18 @@ def test_forward_files_of_two_ranks_stream_like_they_read(tmp_path):
     assert any("no end record from worker(s) [1]" in w for w in stream_trace.warnings)
     assert any("forward-1.arrow: cut after" in w for w in stream_trace.warnings)
     assert stream_trace.truncated and memory_trace.truncated
+
+
+@pytest.mark.parametrize("batch_rows,window", [(3, None), (11, (0.05, 0.25))])
+def test_ranks_merged_from_the_worker_files_are_the_in_memory_ranks(tmp_path, batch_rows, window):
+    """Three ranks, each its own forward file read side by side (whole_steps), some
+    batches cut mid-step: the same rank report as every row in memory at once."""
+    path = tmp_path / "tp3.arrow"
+    build(path, mixed_specs(30, 3), batch_rows=batch_rows, ranks=3,
+          late=lambda step, rank: (step * 7 + rank * 3) % 11 * 1_000)
+    trace = streamed(path)
+    got = analyze(trace, window=window)
+    want = analyze(in_memory(path), window=window)
+    assert got.ranks is not None and got.ranks.ranks == [0, 1, 2]
+    assert got.ranks.steps == got.steps
+    assert json.dumps(got.ranks.to_dict()) == json.dumps(want.ranks.to_dict())

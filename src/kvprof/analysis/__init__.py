@@ -24,7 +24,7 @@ from kvprof.analysis.kv import KV, kv
 from kvprof.analysis.latency import KINDS, Latency, latency
 from kvprof.analysis.memory import Memory, memory
 from kvprof.analysis.predict import Requests, StepModel, step_model
-from kvprof.analysis.ranks import Ranks, ranks
+from kvprof.analysis.ranks import Ranks, ranks, streamed_ranks
 from kvprof.analysis.request_pass import Replay, load_kernels, replay  # noqa: F401 (re-exported)
 from kvprof.analysis.step_model import step_samples
 from kvprof.analysis.step_pass import StepTable, step_pass, window_mask
@@ -197,22 +197,33 @@ def _assemble(trace, window, predict, sel: Selection, table: StepTable, requests
         latency=latency(done, rp.itl_values_ns, rp.itl_counts), batch=batch_result, kv=kv_result,
         memory=memory(st, forward.readings, run_kv.get("bytes_per_block")),
         step_time_model=model, device_time=forward.device_time,
-        ranks=ranks(forward.rows, sel.step_range) if forward.rows is not None else None,
+        ranks=_ranks(trace, sel, forward),
         timeline=_timeline(sel, rp), all_request_ids=trace["requests"].column("request_id"),
         finished_rows=chosen, run=trace.run, warnings=list(trace.warnings),
         host_time=_host_time(trace, sel, forward), span_ns=sel.span_ns)
 
 
 def _forward(trace, sel: Selection) -> ForwardSummary:
-    """The forward table summed in one pass; its rows kept only for ranks or host time
-    (read a second time in the rare trace whose several ranks share one file)."""
-    keep = _has_host_samples(trace) or _several_forward_files(trace)
-    summary = forward_pass(trace.batches("forward", FORWARD_COLUMNS), sel.step_range, keep,
-                           trace.path)
-    if summary.ranks_seen > 1 and summary.rows is None:
-        summary = forward_pass(trace.batches("forward", FORWARD_COLUMNS), sel.step_range, True,
-                               trace.path)
+    """The forward table summed in one pass; its rows kept only for host time, or for
+    the ranks of a table already in memory (read there a second time when it has several)."""
+    def run(keep: bool) -> ForwardSummary:
+        return forward_pass(trace.batches("forward", FORWARD_COLUMNS), sel.step_range, keep,
+                            trace.path)
+    summary = run(_has_host_samples(trace))
+    if summary.ranks_seen > 1 and summary.rows is None and "forward" not in trace.streams:
+        summary = run(True)
     return summary
+
+
+def _ranks(trace, sel: Selection, forward: ForwardSummary) -> Ranks | None:
+    """Skew between ranks: from the kept rows, else merged from the workers' files."""
+    if forward.ranks_seen < 2:
+        return None
+    if forward.rows is not None:
+        return ranks(forward.rows, sel.step_range)
+    files = getattr(trace.streams["forward"], "streams", [trace.streams["forward"]])
+    sources = [(batch_columns([b], ROW_COLUMNS) for b in f.batches(ROW_COLUMNS)) for f in files]
+    return streamed_ranks(sources, sel.step_range, forward.rank_ids, forward.on_device)
 
 
 def _has_host_samples(trace) -> bool:
@@ -221,11 +232,6 @@ def _has_host_samples(trace) -> bool:
 
 def _has_host_tables(trace) -> bool:
     return "host_samples" in trace.tables and "host_frames" in trace.tables
-
-
-def _several_forward_files(trace) -> bool:
-    stream = trace.streams.get("forward")
-    return len(getattr(stream, "streams", ())) > 1
 
 
 def _host_time(trace, sel: Selection, forward: ForwardSummary) -> HostTime | None:

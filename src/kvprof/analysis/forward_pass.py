@@ -2,9 +2,10 @@
 
 The workers' rows are read record batch by record batch and summed into mergeable
 accumulators (readings: first, last, min, max, sum; device time: sums and
-``Quantiles``), so a single-rank trace holds nothing per forward row. Only the rank
-skew and the host-time attribution need rows: their five columns (step, rank,
-start, end, device time) are kept when the trace has several ranks or host samples.
+``Quantiles``), so nothing is held per forward row. The pass also finds the ranks
+present, for the rank analysis (its own pass: ``ranks.streamed_ranks``). Only the
+host-time attribution needs rows: their five columns (step, rank, start, end, device
+time) are kept when the trace has host samples.
 """
 from __future__ import annotations
 
@@ -104,7 +105,12 @@ class ForwardSummary:
     readings: dict[str, Reading]
     device_time: DeviceTime
     rows: dict[str, np.ndarray] | None   # ROW_COLUMNS of the selected rows, when kept
-    ranks_seen: int
+    rank_ids: list[int]                  # ranks with rows in the selection (steps >= 0)
+    on_device: bool                      # every such row has a CUDA-event time
+
+    @property
+    def ranks_seen(self) -> int:
+        return len(self.rank_ids)
 
 
 def forward_pass(batches, step_range: tuple[int, int] | None, keep_rows: bool,
@@ -114,6 +120,7 @@ def forward_pass(batches, step_range: tuple[int, int] | None, keep_rows: bool,
     device = DeviceSums()
     kept: dict[str, list[np.ndarray]] = {name: [] for name in ROW_COLUMNS}
     ranks: set[int] = set()
+    on_device = True
     names = None
     for batch in batches:
         names = names or tuple(batch.schema.names)
@@ -124,9 +131,11 @@ def forward_pass(batches, step_range: tuple[int, int] | None, keep_rows: bool,
             sums[name].add(values[~np.isnan(values)] if values.dtype.kind == "f" else values)
         if all(column in cols for column in COLUMNS):
             device.add(cols, rows, path)
-        ranks.update(np.unique(cols["rank"][rows & (cols["step"] >= 0)]).tolist())
+        used = rows & (cols["step"] >= 0)
+        ranks.update(np.unique(cols["rank"][used]).tolist())
+        on_device = on_device and not np.isnan(cols["device_ns"][used].astype(np.float64)).any()
         if keep_rows:
             for name in ROW_COLUMNS:
                 kept[name].append(cols[name][rows])
     return ForwardSummary({name: s.reading() for name, s in sums.items()}, device.result(),
-                          joined(kept) if keep_rows else None, len(ranks))
+                          joined(kept) if keep_rows else None, sorted(ranks), on_device)
