@@ -1,7 +1,7 @@
 """Peak memory and wall time of ``kvprof analyze --json`` on traces of any length.
 
     python benchmarks/analyze_memory.py --rows 100000000 [--seqs 64] [--base-rows 2000000]
-                                        [--in-memory] [--keep DIR]
+                                        [--ranks 1] [--in-memory] [--keep DIR]
 
 A trace of ``--rows`` request-step rows is written through kvprof's own writer by
 tiling one base trace (analyze_speed.py's generator, ``--base-rows`` rows) end to end:
@@ -101,8 +101,9 @@ def sliced(cols: dict, lo: int, hi: int) -> dict:
     return {name: v if np.isscalar(v) or v is None else v[lo:hi] for name, v in cols.items()}
 
 
-def write_tiled(path: str, n_rows: int, n_slots: int, base_rows: int) -> dict:
-    """A trace of about ``n_rows`` request-step rows, written tile by tile."""
+def write_tiled(path: str, n_rows: int, n_slots: int, base_rows: int, ranks: int = 1) -> dict:
+    """A trace of about ``n_rows`` request-step rows, written tile by tile; ``ranks``
+    workers each write a forward file (rank r starts its forwards r us late)."""
     tables, counts = base_tables(min(base_rows, n_rows), n_slots)
     tiles = max(1, round(n_rows / counts["request_steps"]))
     steps = tables["steps"]
@@ -120,11 +121,15 @@ def write_tiled(path: str, n_rows: int, n_slots: int, base_rows: int) -> dict:
     pending = tiles * sum(n // base.FLUSH_ROWS + 1 for n in counts.values()) + 8
     engine = TraceSession(path, files, "engine_core", run, max_pending=pending,
                           max_pending_rows=tiles * sum(counts.values()) + 1)
-    worker = TraceSession(path, {"forward": os.path.join(parts, S.forward_file(0))}, "worker-0",
-                          run, max_pending=pending, max_pending_rows=tiles * counts["forward"] + 1)
+    workers = [TraceSession(path, {"forward": os.path.join(parts, S.forward_file(r))},
+                            f"worker-{r}", run, max_pending=pending,
+                            max_pending_rows=tiles * counts["forward"] + 1) for r in range(ranks)]
+    per_rank = [{**tables["forward"], "rank": r,
+                 "t_start_ns": np.asarray(tables["forward"]["t_start_ns"]) + 1_000 * r}
+                for r in range(ranks)]
     for k in range(tiles):
-        for table, cols in tables.items():
-            session = worker if table == "forward" else engine
+        for table, cols, session in ([(t, c, engine) for t, c in tables.items() if t != "forward"]
+                                     + [("forward", f, w) for f, w in zip(per_rank, workers)]):
             for lo in range(0, counts[table], base.FLUSH_ROWS):
                 hi = min(lo + base.FLUSH_ROWS, counts[table])
                 build = lambda t=table, c=cols, a=lo, b=hi, k=k: base.record_batch(  # noqa: E731
@@ -133,7 +138,7 @@ def write_tiled(path: str, n_rows: int, n_slots: int, base_rows: int) -> dict:
                 assert session.writer.submit(table, build, hi - lo), "writer queue full"
     total = {t: n * tiles for t, n in counts.items()}
     for session, extra in ((engine, {"kv_blocks_used_at_start": 0, "steps": total["steps"]}),
-                           (worker, None)):
+                           *((w, None) for w in workers)):
         assert session.writer.wait_idle(3600), "the writer did not drain in an hour"
         record = session.close(extra=extra) if extra else session.close()
         assert record["complete"] and not record["rows_dropped"], record
@@ -153,18 +158,20 @@ def main() -> None:
     p.add_argument("--seqs", type=int, default=64, help="running sequences per step")
     p.add_argument("--base-rows", type=int, default=2_000_000, help="rows of the tiled base trace")
     p.add_argument("--in-memory", action="store_true", help="also the in-memory path, compared")
+    p.add_argument("--ranks", type=int, default=1, help="worker ranks, one forward file each")
     p.add_argument("--keep", help="write the trace in this folder and keep it (reused if there)")
     args = p.parse_args()
     folder = args.keep or tempfile.mkdtemp(prefix="kvprof-mem-")
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"tiled-{args.rows}-{args.seqs}.arrow")
+    ranks = f"-tp{args.ranks}" if args.ranks > 1 else ""
+    path = os.path.join(folder, f"tiled-{args.rows}-{args.seqs}{ranks}.arrow")
     try:
         t0 = time.perf_counter()
         if not os.path.exists(path):
-            counts = write_tiled(path, args.rows, args.seqs, args.base_rows)
+            counts = write_tiled(path, args.rows, args.seqs, args.base_rows, args.ranks)
             print(f"trace: {counts} written in {time.perf_counter() - t0:.1f} s")
         tiny = os.path.join(folder, "tiny.arrow")
-        write_tiled(tiny, 20_000, args.seqs, 20_000)
+        write_tiled(tiny, 20_000, args.seqs, 20_000, args.ranks)
         measure(STREAMED, tiny)                        # numba's cache warm for what follows
         floor = {"streamed": measure(STREAMED, tiny)[0]["peak_bytes"],
                  "in memory": measure(IN_MEMORY, tiny)[0]["peak_bytes"]}
