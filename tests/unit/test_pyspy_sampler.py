@@ -32,8 +32,10 @@ marker()
 
 
 def test_samples_are_on_the_monotonic_clock(tmp_path):
-    """The runs whose innermost frame is the marker lie within its start and end, as the
-    child read them on its own monotonic clock (allowing py-spy's 1-ms stamp offset)."""
+    """The runs whose innermost frame is the marker begin within its start and end, as the
+    child read them on its own monotonic clock (allowing py-spy's 1-ms stamp offset). A
+    run ends when py-spy next sees another stack, which a busy machine can delay by any
+    amount: only its start is bounded."""
     path = str(tmp_path / "t.arrow")
     prepare_target(path, overwrite=True)
     child = subprocess.Popen([sys.executable, "-c", TARGET], stdin=subprocess.PIPE,
@@ -56,7 +58,7 @@ def test_samples_are_on_the_monotonic_clock(tmp_path):
               if stack and frames[stack[0]] == "marker"]
     assert marked, "no sample inside the busy marker"
     slack = 5_000_000
-    assert all(start_ns - slack <= t0 and t1 <= end_ns + slack + 5_000_000 for t0, t1 in marked), \
+    assert all(start_ns - slack <= t0 <= end_ns + slack and t1 > t0 for t0, t1 in marked), \
         (start_ns, end_ns, marked)
 
 
