@@ -84,3 +84,29 @@ def test_the_kernel_schedules_as_the_python_loop_did(seed, n, batch_size, budget
 def test_an_empty_workload_has_no_steps():
     s = simulate(Requests(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)), 4, 64)
     assert s.decode.size == 0 and s.admitted.size == 0
+
+
+@pytest.mark.parametrize("seed,n,batch_size,budget,lag", [(0, 60, 8, 512, 0), (3, 80, 16, None, 2),
+                                                          (1, 30, 1, 2048, 1)])
+def test_the_timed_run_keeps_nothing_per_step_and_agrees_with_the_kept_steps(seed, n, batch_size,
+                                                                             budget, lag):
+    """``predict`` times the run in the kernel without the per-step arrays: its totals, its
+    requests in flight and each request's clock must be what the kept steps give."""
+    requests = workload(seed, n, lag)
+    costs = np.array([2e6, 3e4, 1.5e3, 7.0])
+    kept = simulate(requests, batch_size, budget)
+    timed = simulate(requests, batch_size, budget, costs, keep_steps=False)
+    assert timed.decode.size == 0
+    assert np.array_equal(timed.finished, kept.finished)
+    design = [np.ones(kept.decode.size), kept.decode, kept.prefill, kept.context]
+    assert timed.totals.tolist() == [float(column.sum()) for column in design]
+    end = np.cumsum(sum(c * column for c, column in zip(costs, design)))
+    np.testing.assert_allclose(timed.finish_ns, end[kept.finished], rtol=1e-12)
+    np.testing.assert_allclose(timed.first_token_ns, end[kept.first_token], rtol=1e-12)
+    start = np.concatenate([[0.0], end])[kept.admitted]
+    np.testing.assert_allclose(timed.start_ns, start, rtol=1e-12, atol=1e-3)
+    assert timed.time_ns == pytest.approx(end[-1], rel=1e-12)
+    steps = np.arange(kept.decode.size)[:, None]
+    in_flight = ((kept.admitted <= steps) & (steps <= kept.finished)).sum(axis=1)
+    assert timed.running_max == in_flight.max()
+    assert timed.running_mean == pytest.approx(in_flight.mean(), rel=1e-12)

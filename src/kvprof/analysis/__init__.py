@@ -179,7 +179,7 @@ def _assemble(trace, window, predict, sel: Selection, table: StepTable, requests
                     cached_input=int(requests["cached_prompt_tokens"][admitted].sum()),
                     output=int(sel.of(rp.emitted).sum()), scheduled=int(st["total_tokens"].sum()))
     engine, run_kv = trace.run.get("engine", {}), trace.run.get("kv", {})
-    done = {name: col[chosen] for name, col in requests.items()}
+    done = requests if chosen.all() else {name: col[chosen] for name, col in requests.items()}
     kv_result = kv(st, table.counters, table.kv_capacity, run_kv, tokens.input,
                    tokens.cached_input, rp.recomputed)
     batch_result = batch(st, engine)

@@ -12,8 +12,9 @@ from numba import njit
 
 from kvprof.format.schema import PHASE_DECODE
 
-# Columns of the per-step output (shape (steps, 4)).
-STEP_CONTEXT, STEP_EMITTED, STEP_RECOMPUTED, STEP_NEXT_GAPS = range(4)
+# The per-step outputs, one array each (so that the results need no copy): context tokens,
+# tokens emitted, tokens recomputed, adjacent inter-token gaps ending at the step.
+STEP_DTYPES = (np.int64, np.int32, np.int64, np.int32)
 # Columns of the per-request state (shape (requests, 4): one cache line per request).
 REQ_EMITTED, REQ_LAST_POS, REQ_HIGH_WATER, REQ_SEEN = range(4)
 # Entries of the scalar totals (shape (3,)).
@@ -21,8 +22,8 @@ TOTAL_OTHER_GAPS, TOTAL_DECODE_CONTEXT, TOTAL_DECODE_ROWS = range(3)
 
 
 def new_state(n_steps: int, n_req: int, other_capacity: int):
-    """Zeroed (per-step, per-request, other gaps, totals) arrays for ``replay_batch``."""
-    return np.zeros((n_steps, 4), np.int64), new_requests(n_req), \
+    """Zeroed (per-step arrays, per-request, other gaps, totals) for ``replay_batch``."""
+    return tuple(np.zeros(n_steps, dtype) for dtype in STEP_DTYPES), new_requests(n_req), \
         np.empty(max(other_capacity, 1), np.int64), np.zeros(3, np.int64)
 
 
@@ -35,7 +36,8 @@ def new_requests(n_req: int) -> np.ndarray:
 
 @njit(cache=True, nogil=True)
 def replay_batch(step, req, phase, tokens, computed, start, step_min, step_pos, in_window,
-                 step_end_ns, prompt, delivered, latency_req, per_step, per_req, other_gaps, totals):
+                 step_end_ns, prompt, delivered, latency_req, step_context, step_emitted,
+                 step_recomputed, step_next_gaps, per_req, other_gaps, totals):
     """Replay rows ``start``.. of one batch of request_steps (in step order), updating the
     state in place; returns the row it stopped at: the batch's length, or earlier when
     ``other_gaps`` is full (the caller grows it and calls again from there).
@@ -44,7 +46,7 @@ def replay_batch(step, req, phase, tokens, computed, start, step_min, step_pos, 
     so far (a request of unknown prompt length, -1, samples on decode rows). Tokens
     are emitted at their step's ``step_end_ns``. Inter-token gaps are kept for the
     requests flagged in ``latency_req``: a gap between adjacent steps s-1 and s is only
-    counted (``per_step[s, STEP_NEXT_GAPS]``; its value is end[s] - end[s-1]), any other
+    counted (``step_next_gaps[s]``; its value is end[s] - end[s-1]), any other
     gap value is appended to ``other_gaps``; ITL stays exact without one value per token.
     Tokens recomputed after a preemption: the part of a row below its request's
     high-water mark of computed tokens. A request samples at most ``delivered[r]``
@@ -78,21 +80,21 @@ def replay_batch(step, req, phase, tokens, computed, start, step_min, step_pos, 
             samples = phase[i] == PHASE_DECODE
         samples = samples and emitted < delivered[r]
         if in_window[s]:
-            per_step[s, STEP_CONTEXT] += ctx
+            step_context[s] += ctx
             per_req[r, REQ_SEEN] = 1
             if redo > 0:
-                per_step[s, STEP_RECOMPUTED] += redo
+                step_recomputed[s] += redo
             if phase[i] == PHASE_DECODE:
                 totals[TOTAL_DECODE_CONTEXT] += ctx
                 totals[TOTAL_DECODE_ROWS] += 1
             if samples:
-                per_step[s, STEP_EMITTED] += 1
+                step_emitted[s] += 1
         if not samples:
             continue
         last = per_req[r, REQ_LAST_POS]
         if latency_req[r] and last >= 0:
             if last == s - 1:
-                per_step[s, STEP_NEXT_GAPS] += 1
+                step_next_gaps[s] += 1
             else:
                 other_gaps[n_other] = step_end_ns[s] - step_end_ns[last]
                 n_other += 1
@@ -103,12 +105,18 @@ def replay_batch(step, req, phase, tokens, computed, start, step_min, step_pos, 
 
 
 @njit(cache=True, nogil=True)
-def simulate_schedule(prompt, cached, output, batch_size, budget_max, lag):
+def simulate_schedule(prompt, cached, output, batch_size, budget_max, lag, coef, keep_steps):
     """The scheduler replay of ``predict.simulate`` (see there for the rules), compiled: it
     runs once per step of the simulated run, with up to ``batch_size`` requests each.
+    Each step's time is ``coef`` · (1, decodes, prefill tokens, context tokens), summed as
+    it goes, so nothing per step need be kept: a day's schedule at batch size 1 is as many
+    steps as output tokens.
 
-    Returns (composition: steps x 3 of decode requests, prefill tokens, context tokens;
-    admitted, first_token, finished: the step of each request's event)."""
+    Returns (composition: steps x 3 of decode requests, prefill tokens, context tokens,
+    empty unless ``keep_steps``; admitted, first_token, finished: the step of each
+    request's event; totals: steps, decodes, prefill tokens, context tokens, the sum and the
+    maximum of requests in a step; the clock (ns) at the start of each request's admitting
+    step, at the end of its first token's step and of its finishing step; the run's time)."""
     n = prompt.shape[0]
     computed = np.empty(n, np.int64)
     for r in range(n):
@@ -117,13 +125,18 @@ def simulate_schedule(prompt, cached, output, batch_size, budget_max, lag):
     admitted = np.full(n, -1, np.int64)
     first = np.full(n, -1, np.int64)
     finished = np.full(n, -1, np.int64)
+    start_ns = np.zeros(n)
+    first_ns = np.zeros(n)
+    finish_ns = np.zeros(n)
     ready = np.full(n, np.iinfo(np.int64).max, np.int64)
     ready[:batch_size] = 0
     released = min(batch_size, n)
     running = np.empty(max(batch_size, 1), np.int64)
     n_run = 0
     nxt = 0
-    composition = np.empty((max(n, 16), 3), np.int64)
+    composition = np.empty((max(n, 16) if keep_steps else 0, 3), np.int64)
+    totals = np.zeros(6, np.int64)
+    clock = 0.0
     step = 0
     while nxt < n or n_run > 0:
         if n_run == 0 and ready[nxt] > step:
@@ -137,6 +150,7 @@ def simulate_schedule(prompt, cached, output, batch_size, budget_max, lag):
                 break
             if admitted[r] < 0:
                 admitted[r] = step
+                start_ns[r] = clock
                 nxt += 1
                 running[n_run] = r
                 n_run += 1
@@ -158,21 +172,35 @@ def simulate_schedule(prompt, cached, output, batch_size, budget_max, lag):
                     if released < n:
                         ready[released] = step + 1 + lag
                         released += 1
+        clock += coef[0] + decode * coef[1] + prefill * coef[2] + context * coef[3]
+        totals[1] += decode
+        totals[2] += prefill
+        totals[3] += context
+        totals[4] += n_run
+        totals[5] = max(totals[5], n_run)
         kept = 0
         for i in range(n_run):
-            if finished[running[i]] < 0:
-                running[kept] = running[i]
+            r = running[i]
+            if first[r] == step:
+                first_ns[r] = clock
+            if finished[r] < 0:
+                running[kept] = r
                 kept += 1
+            else:
+                finish_ns[r] = clock
         n_run = kept
-        if step == composition.shape[0]:
-            grown = np.empty((2 * step, 3), np.int64)
-            grown[:step] = composition
-            composition = grown
-        composition[step, 0] = decode
-        composition[step, 1] = prefill
-        composition[step, 2] = context
+        if keep_steps:
+            if step == composition.shape[0]:
+                grown = np.empty((2 * step, 3), np.int64)
+                grown[:step] = composition
+                composition = grown
+            composition[step, 0] = decode
+            composition[step, 1] = prefill
+            composition[step, 2] = context
         step += 1
-    return composition[:step], admitted, first, finished
+    totals[0] = step
+    return (composition[:step], admitted, first, finished, totals, start_ns, first_ns, finish_ns,
+            clock)
 
 
 @njit(cache=True, nogil=True)

@@ -61,14 +61,18 @@ def summarize(values: np.ndarray) -> Summary:
 
 def weighted_summary(values: np.ndarray, counts: np.ndarray) -> Summary:
     """Like ``summarize(np.repeat(values, counts))`` without materialising the repeat."""
-    keep = counts > 0
-    values, counts = np.asarray(values, np.float64)[keep], np.asarray(counts, np.int64)[keep]
+    values, counts = np.asarray(values, np.float64), np.asarray(counts, np.int64)
+    if not (counts > 0).all():
+        keep = counts > 0
+        values, counts = values[keep], counts[keep]
     n = int(counts.sum())
     if n == 0:
         return Summary(0)
+    mean = float(np.dot(values, counts) / n)
     order = np.argsort(values, kind="stable")
-    values, cum = values[order], np.cumsum(counts[order])
-    mean = float(np.dot(values, counts[order]) / n)
+    cum = np.cumsum(counts[order])
+    values = values[order]
+    del order                                  # one step's worth of temporaries at a time
     return Summary(n, mean, *(_ranked_quantile(values, cum, n, q) for q in QUANTILES))
 
 

@@ -100,8 +100,9 @@ def refill_lag(admitted: np.ndarray, finished: np.ndarray, batch_size: int) -> i
 
 @dataclass
 class Schedule:
-    """Per simulated step: composition; per request: the steps it was admitted, got its
-    first token and finished in."""
+    """A simulated run. Per step (only when kept): composition. Per request: the steps it
+    was admitted, got its first token and finished in, and the clock then under the costs
+    simulated with (start of the admitting step, end of the other two). The run's totals."""
 
     decode: np.ndarray
     prefill: np.ndarray
@@ -109,23 +110,37 @@ class Schedule:
     admitted: np.ndarray
     first_token: np.ndarray
     finished: np.ndarray
+    totals: np.ndarray        # the design's column sums: steps, decodes, prefill, context tokens
+    running_mean: float       # requests in a step
+    running_max: int
+    start_ns: np.ndarray
+    first_token_ns: np.ndarray
+    finish_ns: np.ndarray
+    time_ns: float
 
 
-def simulate(requests: Requests, batch_size: int, token_budget: int | None) -> Schedule:
+def simulate(requests: Requests, batch_size: int, token_budget: int | None,
+             costs: np.ndarray | None = None, keep_steps: bool = True) -> Schedule:
     """vLLM V1's order: running requests first (decodes, then prefill chunks), then admissions
     in arrival order while slots and the token budget last; a prefill's last chunk samples the
     first token. The first ``batch_size`` requests are there at the start; each finish lets
     the next one in ``requests.lag`` steps after the following step (an idle engine waits).
     The loop is the numba kernel ``_kernels.simulate_schedule``: a day's workload is millions
-    of simulated steps."""
+    of simulated steps, so ``predict`` keeps none of them (``keep_steps=False``) and has the
+    kernel time them with ``costs`` (ns: per step, decode, prefill token, context token)."""
     from kvprof.analysis._kernels import simulate_schedule
 
     as_int = lambda a: np.ascontiguousarray(a, np.int64)  # noqa: E731
-    composition, admitted, first, finished = simulate_schedule(
-        as_int(requests.prompt), as_int(requests.cached), as_int(requests.output),
-        int(batch_size), int(token_budget or 1 << 30), int(requests.lag))
+    costs = np.zeros(len(COEFFICIENTS)) if costs is None else np.asarray(costs, np.float64)
+    composition, admitted, first, finished, totals, start, first_ns, finish, clock = \
+        simulate_schedule(as_int(requests.prompt), as_int(requests.cached),
+                          as_int(requests.output), int(batch_size), int(token_budget or 1 << 30),
+                          int(requests.lag), costs, bool(keep_steps))
     decode, prefill, context = composition.T        # views: a day's schedule is long
-    return Schedule(decode, prefill, context, admitted, first, finished)
+    steps = int(totals[0])
+    return Schedule(decode, prefill, context, admitted, first, finished,
+                    totals[:4].astype(np.float64), float(totals[4]) / steps if steps else 0.0,
+                    int(totals[5]), start, first_ns, finish, float(clock))
 
 
 @dataclass
@@ -152,19 +167,18 @@ class Prediction:
 def predict(f: Fit, requests: Requests, batch_size: int, token_budget: int | None = None,
             block_size: int | None = None, blocks_total: int | None = None) -> Prediction:
     """Throughput, step time, TPOT and latency at ``batch_size`` with an interval."""
-    s = simulate(requests, batch_size, token_budget)
     best = f.vector
+    s = simulate(requests, batch_size, token_budget, best, keep_steps=False)
     draws = f.draws if f.draws is not None else best[None, :]
     tokens = float(np.maximum(requests.output, 1).sum())
-    totals = term_totals(s)                 # the run's time is totals @ costs: one sum per draw
+    totals = s.totals                       # the run's time is totals @ costs: one sum per draw
     rate = lambda coef: tokens / float(totals @ coef) * 1e9  # noqa: E731
     low, high = np.percentile([rate(c) for c in draws], [2.5, 97.5])
     others = [rate(c) for c in f.alternatives]     # equally good models widen the interval
     low, high = float(min([low, *others])), float(max([high, *others]))
     point = rate(best)
     low, high = min(low, point), max(high, point)
-    running = _running(s)
-    extrapolated = bool(running.max(initial=0) > f.max_running)   # more in flight than ever fitted
+    extrapolated = s.running_max > f.max_running   # more in flight than ever fitted
     refused = None
     unknown = [COEFFICIENTS[j] for j in f.absent() if totals[j] > 0]
     if unknown:
@@ -173,17 +187,16 @@ def predict(f: Fit, requests: Requests, batch_size: int, token_budget: int | Non
         refused = (f"the data cannot separate {', '.join(f.unseparable)} "
                    f"and the models that fit it equally well disagree here "
                    f"({low:,.0f}–{high:,.0f} tokens/s)")
-    times = best[0] + s.decode * best[1] + s.prefill * best[2] + s.context * best[3]
-    shares = totals * best / times.sum()
+    shares = totals * best / s.time_ns
     share = dict(zip(COEFFICIENTS, map(float, shares)))
     blocks = kv_blocks_needed(requests, batch_size, block_size)
-    latency = _latency(s, times, requests)
+    latency = _latency(s, requests)
     return Prediction(
         batch_size=batch_size, output_tokens_per_s=None if refused else point,
-        interval=[low, high], step_ms=None if refused else float(times.mean() / 1e6),
+        interval=[low, high], step_ms=None if refused else s.time_ns / s.totals[0] / 1e6,
         tpot_ms=None if refused else latency[0], mean_e2e_ms=None if refused else latency[1],
         mean_ttft_ms=None if refused else latency[2],
-        mean_running=float(running.mean()) if running.size else 0.0,
+        mean_running=s.running_mean,
         extrapolated=extrapolated,
         dominant_term=TERM_NAMES[int(np.argmax(shares))] if not refused else None,
         term_shares=share, kv_blocks_needed=blocks,
@@ -191,30 +204,13 @@ def predict(f: Fit, requests: Requests, batch_size: int, token_budget: int | Non
         refused=refused)
 
 
-def term_totals(s: Schedule) -> np.ndarray:
-    """The design's column sums over the simulated steps (steps, decodes, prefill and
-    context tokens), without the steps x 4 matrix: a day's schedule is millions of steps."""
-    return np.array([s.decode.size, s.decode.sum(), s.prefill.sum(), s.context.sum()], np.float64)
-
-
-def _running(s: Schedule) -> np.ndarray:
-    """Requests in each simulated step (admitted, not yet past their finish step)."""
-    steps = s.decode.size
-    change = np.zeros(steps + 1)
-    np.add.at(change, s.admitted, 1)
-    np.add.at(change, s.finished + 1, -1)
-    return np.cumsum(change)[:steps]
-
-
-def _latency(s: Schedule, times: np.ndarray, requests: Requests) -> tuple[float, float, float]:
+def _latency(s: Schedule, requests: Requests) -> tuple[float, float, float]:
     """(mean TPOT, mean end-to-end, mean TTFT) in ms: a request's time runs from the start of
     the step that admitted it to the end of the step that produced the token."""
-    end = np.cumsum(times)
-    start = end - times
-    e2e = end[s.finished] - start[s.admitted]
-    ttft = end[s.first_token] - start[s.admitted]
+    e2e = s.finish_ns - s.start_ns
+    ttft = s.first_token_ns - s.start_ns
     many = requests.output > 1
-    tpot = (end[s.finished] - end[s.first_token])[many] / (requests.output[many] - 1)
+    tpot = (s.finish_ns - s.first_token_ns)[many] / (requests.output[many] - 1)
     return (float(tpot.mean() / 1e6) if tpot.size else math.nan, float(e2e.mean() / 1e6),
             float(ttft.mean() / 1e6))
 

@@ -42,10 +42,10 @@ def load_kernels():
     call pays nothing; the CLI runs this while another thread reads the trace."""
     from kvprof.analysis import _kernels
     tiny = {name: _readonly(np.zeros(1, dtype)) for name, dtype in ROW_DTYPES.items()}
-    state = _kernels.new_state(1, 1, 1)
+    per_step, *state = _kernels.new_state(1, 1, 1)
     _kernels.replay_batch(*tiny.values(), 0, 0, np.zeros(1, np.int64), np.zeros(1, np.uint8),
                           np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64),
-                          np.zeros(1, np.uint8), *state)
+                          np.zeros(1, np.uint8), *per_step, *state)
     return _kernels
 
 
@@ -109,7 +109,7 @@ def replay(trace, steps: dict, requests: dict, in_window: np.ndarray, chosen: np
         while start < record_batch.num_rows:
             start = kernels.replay_batch(*arrays, start, step_min, lookup, window, end_ns,
                                          state.prompt, state.delivered, state.latency_req,
-                                         state.per_step, state.per_req, state.other, state.totals)
+                                         *state.per_step, state.per_req, state.other, state.totals)
             if start < record_batch.num_rows:
                 state.grow_other()
     other = state.other[:state.totals[kernels.TOTAL_OTHER_GAPS]]
@@ -119,13 +119,12 @@ def replay(trace, steps: dict, requests: dict, in_window: np.ndarray, chosen: np
 
 def _replay_result(k, per_step, per_req, other, totals, end_ns, in_window) -> Replay:
     """ITL as (value, count) pairs: adjacent-step gaps counted per step, the rest one by one."""
-    next_gaps = per_step[:, k.STEP_NEXT_GAPS]
-    adjacent = np.flatnonzero(next_gaps[1:]) + 1
-    values = np.concatenate([end_ns[adjacent] - end_ns[adjacent - 1], other])
-    counts = np.concatenate([next_gaps[adjacent], np.ones(other.size, np.int64)])
-    # columns copied out, so that the (steps x 4) and (requests x 4) state can go
-    return Replay(per_step[:, k.STEP_CONTEXT].copy(), per_step[:, k.STEP_EMITTED].copy(),
-                  int(per_step[in_window, k.STEP_RECOMPUTED].sum()), values, counts,
+    context, emitted, recomputed, next_gaps = per_step
+    adjacent = next_gaps[1:] > 0      # a mask, not indices: a day's trace has millions of steps
+    values = np.concatenate([np.diff(end_ns)[adjacent], other])
+    counts = np.concatenate([next_gaps[1:][adjacent], np.ones(other.size, np.int32)])
+    # per-request columns copied out, so that the (requests x 4) state can go
+    return Replay(context, emitted, int(np.sum(recomputed, where=in_window)), values, counts,
                   per_req[:, k.REQ_EMITTED].copy(), per_req[:, k.REQ_SEEN].copy(),
                   int(totals[k.TOTAL_DECODE_CONTEXT]), int(totals[k.TOTAL_DECODE_ROWS]))
 
