@@ -15,42 +15,12 @@ import numpy as np
 
 from kvprof.analysis.arrays import batch_columns, joined
 from kvprof.analysis.device import DeviceTime, PerStep
-from kvprof.analysis.memory import FORWARD_READINGS, Reading, forward_rows
+from kvprof.analysis.memory import FORWARD_READINGS, Reading, ReadingSum, forward_rows
 from kvprof.analysis.quantiles import Quantiles
 from kvprof.errors import TraceFormatError
 from kvprof.recorder.kernels import CATEGORIES, COLUMNS
 
 ROW_COLUMNS = ("step", "rank", "t_start_ns", "t_end_ns", "device_ns")
-
-
-@dataclass
-class ReadingSum:
-    """One memory series, summed as it streams by (its mean is exact: an integer sum)."""
-
-    samples: int = 0
-    first: int | None = None
-    last: int | None = None
-    min: int | None = None
-    max: int | None = None
-    total: int = 0
-
-    def add(self, values: np.ndarray) -> None:
-        if values.size == 0:
-            return
-        values = values.astype(np.int64, copy=False)
-        low, high = int(values.min()), int(values.max())
-        self.first = int(values[0]) if self.first is None else self.first
-        self.last = int(values[-1])
-        self.min = low if self.min is None else min(self.min, low)
-        self.max = high if self.max is None else max(self.max, high)
-        self.samples += int(values.size)
-        self.total += int(values.sum())
-
-    def reading(self) -> Reading:
-        if not self.samples:
-            return Reading(0)
-        return Reading(self.samples, self.first, self.last, self.min, self.max,
-                       self.total / self.samples)
 
 
 @dataclass

@@ -18,6 +18,7 @@ FORWARD_READINGS = {
     "torch_reserved_bytes": "torch_reserved_bytes",
     "torch_peak_bytes": "torch_peak_bytes",
 }
+SUM_SLICE = 1 << 16      # values summed in int64 at a time (a slice of 2^16 values < 2^47 B)
 
 
 @dataclass
@@ -43,12 +44,42 @@ class Memory:
         return {name: r.to_dict() for name, r in self.readings.items()}
 
 
+@dataclass
+class ReadingSum:
+    """One memory series summed as it streams by. The mean comes from an exact integer
+    sum, so it is the same however the series was cut into batches."""
+
+    samples: int = 0
+    first: int | None = None
+    last: int | None = None
+    min: int | None = None
+    max: int | None = None
+    total: int = 0
+
+    def add(self, values: np.ndarray) -> None:
+        if values.size == 0:
+            return
+        values = values.astype(np.int64, copy=False)
+        low, high = int(values.min()), int(values.max())
+        self.first = int(values[0]) if self.first is None else self.first
+        self.last = int(values[-1])
+        self.min = low if self.min is None else min(self.min, low)
+        self.max = high if self.max is None else max(self.max, high)
+        self.samples += int(values.size)
+        # int64 sums of at most SUM_SLICE values cannot overflow; Python ints add them
+        self.total += sum(int(values[i:i + SUM_SLICE].sum()) for i in range(0, values.size, SUM_SLICE))
+
+    def reading(self) -> Reading:
+        if not self.samples:
+            return Reading(0)
+        return Reading(self.samples, self.first, self.last, self.min, self.max,
+                       self.total / self.samples)
+
+
 def reading(values: np.ndarray) -> Reading:
-    values = np.asarray(values)
-    if values.size == 0:
-        return Reading(0)
-    return Reading(int(values.size), int(values[0]), int(values[-1]), int(values.min()),
-                   int(values.max()), float(values.mean()))
+    summed = ReadingSum()
+    summed.add(np.asarray(values))
+    return summed.reading()
 
 
 def forward_rows(forward: Mapping[str, np.ndarray], step_range: tuple[int, int] | None) -> np.ndarray:

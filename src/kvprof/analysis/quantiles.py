@@ -71,10 +71,8 @@ class Quantiles:
         else:
             self._fold()
             self._buckets += other._buckets
-        if self._buckets is None and self.count > self.exact_max:
-            self._fold()
-        elif self._buckets is not None and self._values:
-            self._fold()
+        if self._buckets is not None or self.count > self.exact_max:
+            self._fold()                       # (folds the values just taken over too)
 
     def _fold(self) -> None:
         if self._buckets is None:
