@@ -8,6 +8,7 @@ NumPy on the results. Definitions and the JSON layout: docs/analyses.md.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -66,7 +67,7 @@ class Analysis:
     memory: Memory
     step_time_model: StepModel
     device_time: DeviceTime
-    timeline: pa.Table = field(repr=False)      # one row per selected step, for plots
+    timeline_columns: dict = field(repr=False)  # per selected step: see ``timeline``
     all_request_ids: pa.ChunkedArray = field(repr=False)   # requests.request_id, every row
     finished_rows: np.ndarray = field(repr=False)          # rows of requests in latency stats
     run: dict = field(default_factory=dict, repr=False)
@@ -74,6 +75,16 @@ class Analysis:
     host_time: HostTime | None = None   # py-spy's stacks by part of the engine (format 1.1)
     ranks: Ranks | None = None          # skew between worker ranks (tensor/pipeline parallel)
     span_ns: tuple[int, int] = (0, 0)   # first selected step's start, last one's end (monotonic)
+
+    @cached_property
+    def timeline(self) -> pa.Table:
+        """One row per selected step, for plots and comparisons. Made when first asked:
+        its float columns would be 16 bytes a step that a JSON or text report never reads."""
+        columns = dict(self.timeline_columns)
+        start, end = columns.pop("t_schedule_start_ns"), columns.pop("t_update_end_ns")
+        origin = columns.pop("origin_ns")
+        return arrow_table({"step": columns.pop("step"), "t_s": (start - origin) / NS_PER_S,
+                            "step_ms": (end - start) / 1e6, **columns})
 
     @cached_property
     def per_request(self) -> pa.Table:
@@ -148,6 +159,24 @@ def _selection(steps: dict, window) -> Selection:
                      (int(sel["t_schedule_start_ns"][0]), int(sel["t_update_end_ns"][-1])))
 
 
+class Masked(Mapping):
+    """Columns at the rows of a mask, taken when read: the finished requests of a long
+    trace are most of its requests, and a copy of all their columns would stay alive
+    through every later analysis."""
+
+    def __init__(self, columns: dict[str, np.ndarray], mask: np.ndarray):
+        self._columns, self._mask = columns, mask
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._columns[name][self._mask]
+
+    def __iter__(self):
+        return iter(self._columns)
+
+    def __len__(self) -> int:
+        return len(self._columns)
+
+
 def _in_range(step: np.ndarray, step_range) -> np.ndarray:
     """Steps (of requests' events) within the selection; -1 (never) is outside."""
     if step_range is None:
@@ -179,7 +208,7 @@ def _assemble(trace, window, predict, sel: Selection, table: StepTable, requests
                     cached_input=int(requests["cached_prompt_tokens"][admitted].sum()),
                     output=int(sel.of(rp.emitted).sum()), scheduled=int(st["total_tokens"].sum()))
     engine, run_kv = trace.run.get("engine", {}), trace.run.get("kv", {})
-    done = requests if chosen.all() else {name: col[chosen] for name, col in requests.items()}
+    done = requests if chosen.all() else Masked(requests, chosen)
     kv_result = kv(st, table.counters, table.kv_capacity, run_kv, tokens.input,
                    tokens.cached_input, rp.recomputed)
     batch_result = batch(st, engine)
@@ -198,7 +227,7 @@ def _assemble(trace, window, predict, sel: Selection, table: StepTable, requests
         memory=memory(st, forward.readings, run_kv.get("bytes_per_block")),
         step_time_model=model, device_time=forward.device_time,
         ranks=_ranks(trace, sel, forward),
-        timeline=_timeline(sel, rp), all_request_ids=trace["requests"].column("request_id"),
+        timeline_columns=_timeline_columns(sel, rp), all_request_ids=trace["requests"].column("request_id"),
         finished_rows=chosen, run=trace.run, warnings=list(trace.warnings),
         host_time=_host_time(trace, sel, forward), span_ns=sel.span_ns)
 
@@ -273,16 +302,13 @@ def _step_model(sel: Selection, rp: Replay, done, predict, kv_result: KV, engine
                       observed=(int(ran), measured_output_rate) if ran else None)
 
 
-def _timeline(sel: Selection, rp: Replay) -> pa.Table:
-    """Per selected step: time from the trace start and the series the plots draw."""
+def _timeline_columns(sel: Selection, rp: Replay) -> dict:
+    """What ``Analysis.timeline`` is made of (references, no copies), in its order."""
     st = sel.steps
-    return arrow_table({
-        "step": st["step"],
-        "t_s": (st["t_schedule_start_ns"] - sel.origin_ns) / NS_PER_S,
-        "step_ms": (st["t_update_end_ns"] - st["t_schedule_start_ns"]) / 1e6,
-        "running": st["num_running"], "waiting": st["num_waiting"],
-        "kv_blocks_used": st["kv_blocks_used"], "decode_requests": st["num_decode_reqs"],
-        "prefill_tokens": st["prefill_tokens"], "total_tokens": st["total_tokens"],
-        "context_tokens": sel.of(rp.context), "output_tokens": sel.of(rp.emitted),
-        "rss_bytes": st["rss_bytes"],
-    })
+    return {"step": st["step"], "origin_ns": sel.origin_ns,
+            "t_schedule_start_ns": st["t_schedule_start_ns"], "t_update_end_ns": st["t_update_end_ns"],
+            "running": st["num_running"], "waiting": st["num_waiting"],
+            "kv_blocks_used": st["kv_blocks_used"], "decode_requests": st["num_decode_reqs"],
+            "prefill_tokens": st["prefill_tokens"], "total_tokens": st["total_tokens"],
+            "context_tokens": sel.of(rp.context), "output_tokens": sel.of(rp.emitted),
+            "rss_bytes": st["rss_bytes"]}

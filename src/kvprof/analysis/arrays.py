@@ -30,6 +30,46 @@ def joined(parts: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
     return out
 
 
+class GrowingColumns:
+    """Columns appended batch by batch into one array each, grown by doubling.
+
+    Per-batch pieces joined at the end leave a long trace's heap in fragments that the
+    process keeps (800 MB of 2.3 GB resident at 1 B rows); one large array per column
+    is mapped memory of its own, whose unwritten tail is never resident and which goes
+    back to the system when let go."""
+
+    def __init__(self, capacity: int = 1 << 16):
+        self._arrays: dict[str, np.ndarray] = {}
+        self._capacity, self.size = capacity, 0
+
+    def append(self, columns: dict[str, np.ndarray]) -> None:
+        n = len(next(iter(columns.values()), ()))
+        if self.size + n > self._capacity:
+            self._capacity = max(2 * self._capacity, self.size + n)
+            for name, old in self._arrays.items():
+                self._arrays[name] = np.empty(self._capacity, old.dtype)
+                self._arrays[name][:self.size] = old[:self.size]
+                del old
+        for name, values in columns.items():
+            if name not in self._arrays:
+                self._arrays[name] = np.empty(self._capacity, values.dtype)
+            self._arrays[name][self.size:self.size + n] = values
+        self.size += n
+
+    def finished(self, names) -> dict[str, np.ndarray]:
+        """The columns, trimmed in place to their length (empty int64 for a column never
+        appended). Empties this object."""
+        out = {}
+        for name in names:
+            values = self._arrays.pop(name, None)
+            if values is None:
+                out[name] = np.empty(0, np.int64)
+                continue
+            values.resize(self.size, refcheck=False)   # shrinks the mapping, no copy
+            out[name] = values
+        return out
+
+
 def numpy_column(column: pa.ChunkedArray) -> np.ndarray:
     """A writable NumPy copy of an integer column, straight from its buffers.
 
@@ -64,3 +104,21 @@ def arrow_column(values: np.ndarray) -> pa.Array:
 def arrow_table(columns: dict) -> pa.Table:
     return pa.table({name: c if isinstance(c, (pa.Array, pa.ChunkedArray)) else arrow_column(c)
                      for name, c in columns.items()})
+
+
+def masked_diff(values: np.ndarray, keep: np.ndarray, tail: np.ndarray | None = None,
+                chunk: int = 1 << 20) -> np.ndarray:
+    """``np.diff(values)[keep]`` (``keep`` has one entry per difference) followed by
+    ``tail``, made a chunk at a time into one array: a long trace's whole difference
+    array and the joined copy never exist beside the result."""
+    tail = np.empty(0, np.int64) if tail is None else tail
+    n = int(np.count_nonzero(keep))
+    out = np.empty(n + tail.size, np.result_type(values.dtype, tail.dtype))
+    filled = 0
+    for lo in range(0, keep.size, chunk):
+        hi = min(lo + chunk, keep.size)
+        piece = np.diff(values[lo:hi + 1])[keep[lo:hi]]
+        out[filled:filled + piece.size] = piece
+        filled += piece.size
+    out[n:] = tail
+    return out

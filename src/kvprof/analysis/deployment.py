@@ -92,7 +92,7 @@ def merged_latency(parts: list[Latency]) -> Latency:
     """The latency of all requests of all parts, exactly as if they were one trace."""
     per_request = {kind: np.concatenate([p.per_request_ms[kind] for p in parts])
                    for kind in KINDS if kind != "itl"}
-    return summarised(per_request, np.concatenate([p.itl_values_ms for p in parts]),
+    return summarised(per_request, np.concatenate([p.itl_values_ns for p in parts]),
                       np.concatenate([p.itl_counts for p in parts]))
 
 

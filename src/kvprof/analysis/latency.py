@@ -43,8 +43,13 @@ class Latency:
     e2e: Summary
     queue: Summary
     per_request_ms: dict[str, np.ndarray] = field(repr=False, default_factory=dict)  # NaN: undefined
-    itl_values_ms: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0))
+    itl_values_ns: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0, np.int64))
     itl_counts: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0, np.int64))
+
+    @property
+    def itl_values_ms(self) -> np.ndarray:
+        """Made when asked (plots, comparisons): a long trace's gaps are kept once, in ns."""
+        return ms(self.itl_values_ns)
 
     def to_dict(self) -> dict:
         return {kind: getattr(self, kind).to_dict() for kind in KINDS}
@@ -61,16 +66,16 @@ def summarize(values: np.ndarray) -> Summary:
 
 def weighted_summary(values: np.ndarray, counts: np.ndarray) -> Summary:
     """Like ``summarize(np.repeat(values, counts))`` without materialising the repeat."""
-    values, counts = np.asarray(values, np.float64), np.asarray(counts, np.int64)
+    values, counts = np.asarray(values, np.float64), np.asarray(counts)
     if not (counts > 0).all():
         keep = counts > 0
         values, counts = values[keep], counts[keep]
-    n = int(counts.sum())
+    n = int(counts.sum(dtype=np.int64))
     if n == 0:
         return Summary(0)
-    mean = float(np.dot(values, counts) / n)
+    mean = float(np.dot(values, counts.astype(np.float64, copy=False)) / n)
     order = np.argsort(values, kind="stable")
-    cum = np.cumsum(counts[order])
+    cum = np.cumsum(counts[order], dtype=np.int64)
     values = values[order]
     del order                                  # one step's worth of temporaries at a time
     return Summary(n, mean, *(_ranked_quantile(values, cum, n, q) for q in QUANTILES))
@@ -108,16 +113,21 @@ def _span_ms(start: np.ndarray, end: np.ndarray) -> np.ndarray:
     return np.where(known, (end - start) / NS_PER_MS, np.nan)
 
 
+def ms(values_ns: np.ndarray) -> np.ndarray:
+    return np.asarray(values_ns, np.float64) / NS_PER_MS
+
+
 def latency(req: Mapping[str, np.ndarray], itl_values_ns: np.ndarray,
             itl_counts: np.ndarray) -> Latency:
     """Summaries over the given (already chosen) finished requests and their ITL gaps."""
-    itl_ms = np.asarray(itl_values_ns, np.float64) / NS_PER_MS
-    return summarised(per_request_ms(req), itl_ms, itl_counts)
+    return summarised(per_request_ms(req), itl_values_ns, itl_counts)
 
 
-def summarised(per_request: dict[str, np.ndarray], itl_ms: np.ndarray, itl_counts) -> Latency:
-    """Summaries of per-request latencies (NaN: undefined) and of ITL values with counts."""
+def summarised(per_request: dict[str, np.ndarray], itl_values_ns: np.ndarray,
+               itl_counts: np.ndarray) -> Latency:
+    """Summaries of per-request latencies (NaN: undefined) and of ITL values (ns) with counts."""
     summaries = {kind: summarize(v[~np.isnan(v)]) for kind, v in per_request.items()
                  if kind != "req"}
-    return Latency(itl=weighted_summary(itl_ms, itl_counts), per_request_ms=per_request,
-                   itl_values_ms=itl_ms, itl_counts=np.asarray(itl_counts, np.int64), **summaries)
+    return Latency(itl=weighted_summary(ms(itl_values_ns), itl_counts), per_request_ms=per_request,
+                   itl_values_ns=np.asarray(itl_values_ns), itl_counts=np.asarray(itl_counts),
+                   **summaries)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from kvprof.analysis.arrays import chunk_values
+from kvprof.analysis.arrays import chunk_values, masked_diff
 from kvprof.errors import TraceFormatError
 
 OTHER_GAPS_START = 4096   # entries; doubled whenever the kernel fills it
@@ -43,7 +43,7 @@ def load_kernels():
     from kvprof.analysis import _kernels
     tiny = {name: _readonly(np.zeros(1, dtype)) for name, dtype in ROW_DTYPES.items()}
     per_step, *state = _kernels.new_state(1, 1, 1)
-    _kernels.replay_batch(*tiny.values(), 0, 0, np.zeros(1, np.int64), np.zeros(1, np.uint8),
+    _kernels.replay_batch(*tiny.values(), 0, 0, np.zeros(1, np.int32), np.zeros(1, np.uint8),
                           np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64),
                           np.zeros(1, np.uint8), *per_step, *state)
     return _kernels
@@ -121,8 +121,9 @@ def _replay_result(k, per_step, per_req, other, totals, end_ns, in_window) -> Re
     """ITL as (value, count) pairs: adjacent-step gaps counted per step, the rest one by one."""
     context, emitted, recomputed, next_gaps = per_step
     adjacent = next_gaps[1:] > 0      # a mask, not indices: a day's trace has millions of steps
-    values = np.concatenate([np.diff(end_ns)[adjacent], other])
-    counts = np.concatenate([next_gaps[1:][adjacent], np.ones(other.size, np.int32)])
+    values = masked_diff(end_ns, adjacent, other)
+    counts = np.ones(values.size, np.int32)
+    np.compress(adjacent, next_gaps[1:], out=counts[:values.size - other.size])
     # per-request columns copied out, so that the (requests x 4) state can go
     return Replay(context, emitted, int(np.sum(recomputed, where=in_window)), values, counts,
                   per_req[:, k.REQ_EMITTED].copy(), per_req[:, k.REQ_SEEN].copy(),
@@ -149,6 +150,6 @@ def _step_lookup(step_numbers: np.ndarray, path: str) -> tuple[int, np.ndarray]:
     if hi - lo > 4 * step_numbers.size + 1024:
         raise TraceFormatError(f"{path}: step numbers {lo}..{hi} for {step_numbers.size} steps "
                                f"(corrupt trace?)")
-    lookup = np.full(hi - lo + 1, -1, np.int64)
-    lookup[step_numbers - lo] = np.arange(step_numbers.size)
+    lookup = np.full(hi - lo + 1, -1, np.int32)    # a step's position: < 2^31 steps
+    lookup[step_numbers - lo] = np.arange(step_numbers.size, dtype=np.int32)
     return lo, lookup

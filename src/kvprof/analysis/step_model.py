@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 import numpy as np
 
+from kvprof.analysis.arrays import masked_diff
+
 COEFFICIENTS = ("fixed_ns", "per_decode_request_ns", "per_prefill_token_ns", "per_context_token_ns")
 TERM_NAMES = ("fixed per step", "per decode request", "per prefill token", "per context token")
 MIN_STEPS = 8
@@ -79,9 +81,9 @@ def step_samples(start_ns, busy, decode, prefill, context, max_running: int) -> 
     cycle: schedule start to the next schedule start."""
     keep = np.asarray(busy, bool).copy()
     keep[-1:] = False
-    cycle = np.diff(np.asarray(start_ns, np.int64))[keep[:-1]]   # masks: a day has millions of steps
-    return StepSamples(cycle, *(np.asarray(v)[keep] for v in (decode, prefill, context)),
-                       max_running)
+    start_ns = np.asarray(start_ns, np.int64)
+    return StepSamples(masked_diff(start_ns, keep[:-1]),
+                       *(np.asarray(v)[keep] for v in (decode, prefill, context)), max_running)
 
 
 def design_matrix(decode, prefill, context) -> np.ndarray:

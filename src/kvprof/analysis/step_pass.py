@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvprof.analysis.arrays import batch_columns, joined
+from kvprof.analysis.arrays import GrowingColumns, batch_columns
 from kvprof.errors import TraceFormatError
 
 NS_PER_S = 1e9
@@ -37,7 +37,7 @@ class StepTable:
 
 def step_pass(batches, path: str, window=None) -> StepTable:
     """One pass over the steps' record batches; ``window`` as ``select_steps`` takes it."""
-    kept: dict[str, list[np.ndarray]] = {name: [] for name in KEPT + ("prefill_reqs",)}
+    kept = GrowingColumns()
     counters = dict.fromkeys(COUNTERS, 0)
     capacity, origin, previous, rows = None, None, None, 0
     for batch in batches:
@@ -53,11 +53,10 @@ def step_pass(batches, path: str, window=None) -> StepTable:
             most = int((cols["kv_blocks_used"][selected].astype(np.int64)
                         + cols["kv_blocks_free"][selected]).max())
             capacity = most if capacity is None else max(capacity, most)
-        for name in KEPT:
-            kept[name].append(cols[name])
-        kept["prefill_reqs"].append(sum(cols[name] for name in PREFILL_REQUESTS))
+        kept.append({**{name: cols[name] for name in KEPT},
+                     "prefill_reqs": sum(cols[name] for name in PREFILL_REQUESTS)})
         previous, rows = (int(cols["step"][-1]), int(cols["t_schedule_start_ns"][-1])), rows + cols["step"].size
-    return StepTable(joined(kept), counters, capacity)
+    return StepTable(kept.finished(KEPT + ("prefill_reqs",)), counters, capacity)
 
 
 def window_mask(schedule_start_ns: np.ndarray, origin_ns: int, window) -> np.ndarray:
