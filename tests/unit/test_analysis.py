@@ -19,7 +19,7 @@ import pyarrow.ipc as ipc
 import pytest
 
 from kvprof.analysis import EmptyTraceError, analyze
-from kvprof.analysis.latency import summarize, weighted_summary
+from kvprof.analysis.latency import summarize, weighted_summary, weighted_summary_ns
 from kvprof.analysis.step_model import COEFFICIENTS
 from kvprof.errors import UsageError
 from kvprof.format import schema as S
@@ -128,6 +128,26 @@ def test_weighted_summary_equals_numpy_on_the_repeated_values():
         expected = ref_summary(np.repeat(values, counts))
         assert_summary(weighted_summary(values, counts).to_dict(), expected)
         assert_summary(summarize(np.repeat(values, counts)).to_dict(), expected)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1 << 20])
+def test_weighted_summary_of_ns_equals_numpy_in_ms(chunk):
+    """The packed, chunked path: numpy's percentiles of the repeated values in ms, and
+    the exact mean; values that do not pack (negative, too wide) take the general path."""
+    rng = np.random.default_rng(chunk)
+    for n, high in ((1, 10), (2, 10), (7, 1 << 40), (300, 50_000_000), (5, 1 << 62)):
+        values = rng.integers(0, high, n)
+        counts = rng.integers(0, 70, n).astype(np.int32)
+        counts[0] = max(counts[0], 1)
+        repeated = np.repeat(values, counts)
+        expected = ref_summary(repeated / 1e6)
+        expected["mean"] = float(sum(int(v) * int(c) for v, c in zip(values, counts))
+                                 / counts.sum() / 1e6)
+        found = weighted_summary_ns(values, counts, chunk)
+        assert_summary(found.to_dict(), expected)
+        general = weighted_summary(values / 1e6, counts)
+        assert (found.p50, found.p90, found.p99) == (general.p50, general.p90, general.p99)
+    assert weighted_summary_ns(np.array([-5, 3]), np.array([1, 2])).p50 == 3e-6
 
 
 # ------------------------------------------------------------------ edge cases

@@ -48,3 +48,22 @@ def test_growing_columns_equal_the_joined_pieces(capacity):
     for name in ("a", "b"):
         assert np.array_equal(out[name], np.concatenate([p[name] for p in pieces]))
     assert out["never"].size == 0
+
+
+def test_growing_columns_widen_to_a_later_batchs_dtype():
+    """A batch with nulls comes back as float64 (NaN): the whole column follows."""
+    grown = GrowingColumns(2)
+    grown.append({"a": np.array([1, 2], np.int64)})
+    grown.append({"a": np.array([np.nan, 4.0])})
+    out = grown.finished(("a",))["a"]
+    assert out.dtype == np.float64
+    assert np.array_equal(out, [1.0, 2.0, np.nan, 4.0], equal_nan=True)
+
+
+def test_step_samples_of_an_always_busy_engine_are_every_step_but_the_last():
+    start = np.cumsum(np.arange(1, 12))
+    columns = [np.arange(11) * k for k in (1, 2, 3)]
+    samples = step_samples(start, np.ones(11, bool), *columns, 4)
+    assert np.array_equal(samples.cycle_ns, np.diff(start))
+    for got, column in zip((samples.decode, samples.prefill, samples.context), columns):
+        assert np.array_equal(got, column[:-1])

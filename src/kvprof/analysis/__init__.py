@@ -8,7 +8,7 @@ NumPy on the results. Definitions and the JSON layout: docs/analyses.md.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -35,7 +35,7 @@ from kvprof.format import schema as S
 
 REPORT_VERSION = "1.2"   # 1.1: host_time; 1.2: ranks
 NEEDED_TABLES = ("request_steps", "requests", "preemptions", "forward", "host_samples", "host_frames")
-STREAMED_TABLES = ("steps", "request_steps", "forward")   # read batch by batch, never whole in Arrow
+STREAMED_TABLES = ("steps", "request_steps", "forward", "requests")   # read batch by batch, never whole in Arrow
 FORWARD_COLUMNS = tuple(f.name for f in S.TABLES["forward"])
 NS_PER_S = 1e9
 _REQUEST_COLUMNS = ("req", "arrival_ns", "queued_ns", "first_scheduled_ns", "first_token_ns",
@@ -68,7 +68,7 @@ class Analysis:
     step_time_model: StepModel
     device_time: DeviceTime
     timeline_columns: dict = field(repr=False)  # per selected step: see ``timeline``
-    all_request_ids: pa.ChunkedArray = field(repr=False)   # requests.request_id, every row
+    request_ids: Callable[[], pa.ChunkedArray] = field(repr=False)   # read when asked
     finished_rows: np.ndarray = field(repr=False)          # rows of requests in latency stats
     run: dict = field(default_factory=dict, repr=False)
     warnings: list[str] = field(default_factory=list)
@@ -85,6 +85,11 @@ class Analysis:
         origin = columns.pop("origin_ns")
         return arrow_table({"step": columns.pop("step"), "t_s": (start - origin) / NS_PER_S,
                             "step_ms": (end - start) / 1e6, **columns})
+
+    @cached_property
+    def all_request_ids(self) -> pa.ChunkedArray:
+        """requests.request_id, every row: strings a JSON or text report never reads."""
+        return self.request_ids()
 
     @cached_property
     def per_request(self) -> pa.Table:
@@ -141,7 +146,7 @@ def analyze(trace, window: tuple[float | None, float | None] | None = None,
     steps = table.columns
     if steps["step"].size == 0:
         raise EmptyTraceError(f"{trace.path}: the trace holds no steps (empty trace)")
-    requests = _columns(trace["requests"], _REQUEST_COLUMNS)
+    requests = batch_columns(trace.batches("requests", _REQUEST_COLUMNS), _REQUEST_COLUMNS)
     if not (requests["finish_ns"] >= 0).any():
         raise EmptyTraceError(f"{trace.path}: no request finished in the trace "
                               f"({requests['req'].size} requests recorded); nothing to measure")
@@ -227,7 +232,7 @@ def _assemble(trace, window, predict, sel: Selection, table: StepTable, requests
         memory=memory(st, forward.readings, run_kv.get("bytes_per_block")),
         step_time_model=model, device_time=forward.device_time,
         ranks=_ranks(trace, sel, forward),
-        timeline_columns=_timeline_columns(sel, rp), all_request_ids=trace["requests"].column("request_id"),
+        timeline_columns=_timeline_columns(sel, rp), request_ids=lambda: _request_ids(trace),
         finished_rows=chosen, run=trace.run, warnings=list(trace.warnings),
         host_time=_host_time(trace, sel, forward), span_ns=sel.span_ns)
 
@@ -300,6 +305,11 @@ def _step_model(sel: Selection, rp: Replay, done, predict, kv_result: KV, engine
     ran = engine.get("max_num_seqs") or batch_result.max_running
     return step_model(samples, requests, limits, tuple(predict),
                       observed=(int(ran), measured_output_rate) if ran else None)
+
+
+def _request_ids(trace) -> pa.ChunkedArray:
+    return pa.chunked_array([b.column(0) for b in trace.batches("requests", ("request_id",))],
+                            pa.string())
 
 
 def _timeline_columns(sel: Selection, rp: Replay) -> dict:

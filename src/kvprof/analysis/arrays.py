@@ -13,11 +13,11 @@ def columns(table: pa.Table, names=None) -> dict[str, np.ndarray]:
 def batch_columns(batches, names: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Writable NumPy columns from record batches read one at a time: each batch's values
     are copied out and the batch let go, so the table is never in memory twice."""
-    chunks: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    grown = GrowingColumns()
     for batch in batches:
-        for name in names:
-            chunks[name].append(numpy_column(pa.chunked_array([batch.column(name)])))
-    return joined(chunks)
+        grown.append({name: numpy_column(pa.chunked_array([batch.column(name)]))
+                      for name in names})
+    return grown.finished(names)
 
 
 def joined(parts: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
@@ -53,6 +53,9 @@ class GrowingColumns:
         for name, values in columns.items():
             if name not in self._arrays:
                 self._arrays[name] = np.empty(self._capacity, values.dtype)
+            elif values.dtype != self._arrays[name].dtype:   # a batch with nulls: float64
+                wider = np.result_type(values.dtype, self._arrays[name].dtype)
+                self._arrays[name] = self._arrays[name].astype(wider)
             self._arrays[name][self.size:self.size + n] = values
         self.size += n
 

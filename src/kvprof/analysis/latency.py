@@ -81,6 +81,55 @@ def weighted_summary(values: np.ndarray, counts: np.ndarray) -> Summary:
     return Summary(n, mean, *(_ranked_quantile(values, cum, n, q) for q in QUANTILES))
 
 
+def weighted_summary_ns(values_ns: np.ndarray, counts: np.ndarray, chunk: int = 1 << 20) -> Summary:
+    """``weighted_summary(ms(values_ns), counts)`` from integer ns, for a long trace's ITL
+    gaps: one packed array (value << bits | count) sorted in place, walked chunk by
+    chunk, instead of an argsort and three gathers (5 copies of 16 M gaps at 1 B rows).
+    The mean is exact (integer sums). Values that do not pack take the general path."""
+    values_ns, counts = np.asarray(values_ns), np.asarray(counts)
+    if not (counts > 0).all():
+        keep = counts > 0
+        values_ns, counts = values_ns[keep], counts[keep]
+    n = int(counts.sum(dtype=np.int64))
+    if n == 0:
+        return Summary(0)
+    value_bits, count_bits = int(values_ns.max()).bit_length(), int(counts.max()).bit_length()
+    if values_ns.dtype.kind not in "iu" or values_ns.min() < 0 or value_bits + count_bits > 62:
+        return weighted_summary(ms(values_ns), counts)
+    packed = values_ns.astype(np.int64) << count_bits
+    packed |= counts
+    packed.sort()
+    mask = (1 << count_bits) - 1
+    step = max(1, min(chunk, 1 << max(0, 62 - value_bits - count_bits)))   # no int64 overflow
+    total, seen, wanted = 0, 0, _ranks_wanted(n)
+    found: dict[int, float] = {}
+    for lo in range(0, packed.size, step):
+        piece = packed[lo:lo + step]
+        c = piece & mask
+        total += int(np.dot(piece >> count_bits, c))
+        cum = np.cumsum(c) + seen
+        for rank in [r for r in wanted if r not in found and r < cum[-1]]:
+            found[rank] = float(piece[np.searchsorted(cum, rank, side="right")] >> count_bits) / NS_PER_MS
+        seen = int(cum[-1])
+    return Summary(n, total / n / NS_PER_MS,
+                   *(_interpolated(found, n, q) for q in QUANTILES))
+
+
+def _ranks_wanted(n: int) -> set[int]:
+    """The ranks ``_ranked_quantile`` reads for every quantile."""
+    out = set()
+    for q in QUANTILES:
+        lo = int(np.floor(q / 100 * (n - 1)))
+        out |= {lo, min(lo + 1, n - 1)}
+    return out
+
+
+def _interpolated(value_at: dict[int, float], n: int, q: float) -> float:
+    rank = q / 100 * (n - 1)
+    lo = int(np.floor(rank))
+    return _between(value_at[lo], value_at[min(lo + 1, n - 1)], rank - lo)
+
+
 def _ranked_quantile(sorted_values: np.ndarray, cum_counts: np.ndarray, n: int, q: float) -> float:
     """numpy's linear percentile: rank q/100*(n-1) between its two neighbouring values."""
     rank = q / 100 * (n - 1)
@@ -88,7 +137,11 @@ def _ranked_quantile(sorted_values: np.ndarray, cum_counts: np.ndarray, n: int, 
     hi = min(lo + 1, n - 1)
     a = sorted_values[np.searchsorted(cum_counts, lo, side="right")]
     b = sorted_values[np.searchsorted(cum_counts, hi, side="right")]
-    t = rank - lo
+    return _between(a, b, rank - lo)
+
+
+def _between(a: float, b: float, t: float) -> float:
+    """numpy's linear interpolation, in its two halves (exact at both ends)."""
     return float(a + (b - a) * t) if t < 0.5 else float(b - (b - a) * (1 - t))
 
 
@@ -128,6 +181,6 @@ def summarised(per_request: dict[str, np.ndarray], itl_values_ns: np.ndarray,
     """Summaries of per-request latencies (NaN: undefined) and of ITL values (ns) with counts."""
     summaries = {kind: summarize(v[~np.isnan(v)]) for kind, v in per_request.items()
                  if kind != "req"}
-    return Latency(itl=weighted_summary(ms(itl_values_ns), itl_counts), per_request_ms=per_request,
+    return Latency(itl=weighted_summary_ns(itl_values_ns, itl_counts), per_request_ms=per_request,
                    itl_values_ns=np.asarray(itl_values_ns), itl_counts=np.asarray(itl_counts),
                    **summaries)

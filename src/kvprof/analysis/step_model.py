@@ -82,8 +82,10 @@ def step_samples(start_ns, busy, decode, prefill, context, max_running: int) -> 
     keep = np.asarray(busy, bool).copy()
     keep[-1:] = False
     start_ns = np.asarray(start_ns, np.int64)
-    return StepSamples(masked_diff(start_ns, keep[:-1]),
-                       *(np.asarray(v)[keep] for v in (decode, prefill, context)), max_running)
+    columns = [np.asarray(v) for v in (decode, prefill, context)]
+    if keep[:-1].all():      # a loaded engine: every step but the last, as views (no copies)
+        return StepSamples(np.diff(start_ns), *(v[:-1] for v in columns), max_running)
+    return StepSamples(masked_diff(start_ns, keep[:-1]), *(v[keep] for v in columns), max_running)
 
 
 def design_matrix(decode, prefill, context) -> np.ndarray:
