@@ -82,3 +82,20 @@ def test_html_of_a_deployment_is_refused_in_one_line(replicas, capsys, tmp_path)
     assert main(["analyze", str(path), "--html", str(tmp_path / "x.html")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("kvprof: error: --html takes one trace") and err.count("\n") == 1
+
+
+def test_a_deployments_summary_is_its_replicas_over_its_span(replicas, tmp_path, capsys):
+    """Replicas run at once: merged, their summary's duration is the deployment's span."""
+    from kvprof.format.summary_file import read_summary
+
+    path, truths = replicas
+    out = str(tmp_path / "dep.kvsum")
+    assert main(["analyze", str(path), "--json", "--summary", out]) == 0
+    dep = json.loads(capsys.readouterr().out)["deployment"]
+    summary = read_summary(out)
+    assert summary.duration_s == pytest.approx(dep["span_s"])
+    assert summary.requests_finished == 40 and len(summary.traces) == 2
+    values = [latency_values(t) for t in truths]
+    for kind in ("ttft", "itl"):
+        assert_summary(summary.to_dict()["latency_ms"][kind],
+                       ref_summary(values[0][kind] + values[1][kind]))

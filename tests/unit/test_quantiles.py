@@ -62,3 +62,38 @@ def test_refuses_negative_values_and_empty_questions():
         q.percentiles((50,))
     with pytest.raises(ValueError):
         q.add(np.array([1.0, -1.0]))
+
+
+@pytest.mark.parametrize("exact_max", [10_000, 50])
+def test_values_with_counts_are_the_repeated_values(exact_max):
+    """A value seen c times (one step's inter-token gaps) counts c times: exact while the
+    distinct values fit, within the bound after; counts, sums and extremes exact."""
+    rng = np.random.default_rng(exact_max)
+    values = _values(2_000, seed=7)
+    counts = rng.integers(0, 40, values.size)
+    repeated = np.repeat(values, counts)
+    q = Quantiles(exact_max=exact_max)
+    for v, c in zip(np.array_split(values, 5), np.array_split(counts, 5)):
+        q.add(v, c)
+    q.add(values[:3])                                  # plain values mix in
+    repeated = np.concatenate([repeated, values[:3]])
+    assert q.count == repeated.size and q.mean == pytest.approx(repeated.mean(), rel=1e-12)
+    want = np.percentile(repeated, QS)
+    if exact_max > values.size:
+        assert q.exact and q.percentiles(QS) == [float(v) for v in want]
+    else:
+        assert not q.exact
+        for got, w in zip(q.percentiles(QS), want):
+            assert abs(got - w) <= RELATIVE_ERROR * w + 1e-9, (got, w)
+
+
+@pytest.mark.parametrize("exact_max", [10_000, 50])
+def test_state_round_trip_keeps_every_answer(exact_max):
+    q = Quantiles(exact_max=exact_max)
+    q.add(_values(3_000, 4), np.arange(3_000) % 3)
+    back = Quantiles.from_state(q.state())
+    assert (back.count, back.total, back.min, back.max, back.exact) == \
+        (q.count, q.total, q.min, q.max, q.exact)
+    assert back.percentiles(QS) == q.percentiles(QS)
+    empty = Quantiles.from_state(Quantiles().state())
+    assert empty.count == 0 and empty.exact

@@ -13,6 +13,8 @@ from typing import Mapping
 
 import numpy as np
 
+from kvprof.analysis.quantiles import interpolate
+
 QUANTILES = (50, 90, 99)
 NS_PER_MS = 1e6
 KINDS = ("ttft", "tpot", "itl", "e2e", "queue")
@@ -127,7 +129,7 @@ def _ranks_wanted(n: int) -> set[int]:
 def _interpolated(value_at: dict[int, float], n: int, q: float) -> float:
     rank = q / 100 * (n - 1)
     lo = int(np.floor(rank))
-    return _between(value_at[lo], value_at[min(lo + 1, n - 1)], rank - lo)
+    return interpolate(value_at[lo], value_at[min(lo + 1, n - 1)], rank - lo)
 
 
 def _ranked_quantile(sorted_values: np.ndarray, cum_counts: np.ndarray, n: int, q: float) -> float:
@@ -137,12 +139,7 @@ def _ranked_quantile(sorted_values: np.ndarray, cum_counts: np.ndarray, n: int, 
     hi = min(lo + 1, n - 1)
     a = sorted_values[np.searchsorted(cum_counts, lo, side="right")]
     b = sorted_values[np.searchsorted(cum_counts, hi, side="right")]
-    return _between(a, b, rank - lo)
-
-
-def _between(a: float, b: float, t: float) -> float:
-    """numpy's linear interpolation, in its two halves (exact at both ends)."""
-    return float(a + (b - a) * t) if t < 0.5 else float(b - (b - a) * (1 - t))
+    return interpolate(a, b, rank - lo)
 
 
 def per_request_ms(req: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

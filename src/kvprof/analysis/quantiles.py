@@ -8,8 +8,10 @@ order statistic with its bucket's midpoint, within a relative error ``a`` =
 ``RELATIVE_ERROR`` of the true value; interpolating between two such answers keeps
 that bound. Counts, sums, minimum and maximum stay exact. Two summaries merge by
 adding their buckets (or values), so per-range or per-trace summaries combine
-without their rows. Values must be non-negative (durations, sizes); values below
-``SMALLEST`` count as zero.
+without their rows. Values may come with counts (a value seen ``c`` times: the
+inter-token gaps of one step); ``exact_max`` then counts distinct entries. Values
+must be non-negative (durations, sizes); values below ``SMALLEST`` count as zero.
+``state()`` and ``from_state`` carry a summary to a file and back (summary files).
 """
 from __future__ import annotations
 
@@ -37,27 +39,37 @@ class Quantiles:
         self.min = math.inf
         self.max = -math.inf
         self._values: list[np.ndarray] = []
+        self._counts: list[np.ndarray | None] = []      # None: each value once
         self._buckets: np.ndarray | None = None
 
     @property
     def exact(self) -> bool:
         return self._buckets is None
 
-    def add(self, values: np.ndarray) -> None:
+    def add(self, values: np.ndarray, counts: np.ndarray | None = None) -> None:
         values = np.asarray(values, np.float64).ravel()
+        if counts is not None:
+            counts = np.asarray(counts, np.int64).ravel()
+            keep = counts > 0
+            if not keep.all():
+                values, counts = values[keep], counts[keep]
         if values.size == 0:
             return
         if values.min() < 0:
             raise ValueError("Quantiles holds non-negative values only")
-        self.count += int(values.size)
-        self.total += float(values.sum())
+        self.count += int(values.size) if counts is None else int(counts.sum())
+        self.total += float(values.sum()) if counts is None else float(np.dot(values, counts))
         self.min, self.max = min(self.min, float(values.min())), max(self.max, float(values.max()))
         if self._buckets is not None:
-            self._buckets += _bucket_counts(values)
+            self._buckets += _bucket_counts(values, counts)
             return
         self._values.append(values)
-        if self.count > self.exact_max:
+        self._counts.append(counts)
+        if self._entries() > self.exact_max:
             self._fold()
+
+    def _entries(self) -> int:
+        return sum(v.size for v in self._values)
 
     def merge(self, other: "Quantiles") -> None:
         """Add ``other``'s values to this summary (``other`` is left as it was)."""
@@ -68,18 +80,48 @@ class Quantiles:
         self.min, self.max = min(self.min, other.min), max(self.max, other.max)
         if other._buckets is None:
             self._values.extend(other._values)
+            self._counts.extend(other._counts)
         else:
             self._fold()
             self._buckets += other._buckets
-        if self._buckets is not None or self.count > self.exact_max:
+        if self._buckets is not None or self._entries() > self.exact_max:
             self._fold()                       # (folds the values just taken over too)
 
     def _fold(self) -> None:
         if self._buckets is None:
             self._buckets = np.zeros(_BUCKETS, np.int64)
-        for values in self._values:
-            self._buckets += _bucket_counts(values)
-        self._values = []
+        for values, counts in zip(self._values, self._counts):
+            self._buckets += _bucket_counts(values, counts)
+        self._values, self._counts = [], []
+
+    def state(self) -> dict:
+        """Everything the summary holds: exact (values, counts) or its bucket counts."""
+        values, counts = self._exact_pairs() if self.exact else (None, None)
+        return {"count": self.count, "total": self.total, "min": self.min, "max": self.max,
+                "exact_max": self.exact_max, "values": values, "counts": counts,
+                "buckets": None if self.exact else self._buckets.copy()}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Quantiles":
+        q = cls(int(state["exact_max"]))
+        q.count, q.total = int(state["count"]), float(state["total"])
+        q.min, q.max = float(state["min"]), float(state["max"])
+        if state.get("buckets") is not None:
+            q._buckets = np.asarray(state["buckets"], np.int64)
+            if q._buckets.size != _BUCKETS:
+                raise ValueError(f"{q._buckets.size} buckets, not {_BUCKETS}")
+        elif q.count:
+            q._values = [np.asarray(state["values"], np.float64)]
+            q._counts = [np.asarray(state["counts"], np.int64)]
+        return q
+
+    def _exact_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self._values:
+            return np.empty(0), np.empty(0, np.int64)
+        values = np.concatenate(self._values)
+        counts = np.concatenate([np.ones(v.size, np.int64) if c is None else c
+                                 for v, c in zip(self._values, self._counts)])
+        return values, counts
 
     @property
     def mean(self) -> float | None:
@@ -89,10 +131,26 @@ class Quantiles:
         """``numpy.percentile(values, qs)`` (linear); within ``RELATIVE_ERROR`` once folded."""
         if self.count == 0:
             raise ValueError("no values")
-        if self._buckets is None:
+        if self._buckets is None and all(c is None for c in self._counts):
             values = self._values[0] if len(self._values) == 1 else np.concatenate(self._values)
             return [float(v) for v in np.percentile(values, qs)]
+        if self._buckets is None:
+            return self._weighted_percentiles(qs)
         return [self._folded_percentile(q) for q in qs]
+
+    def _weighted_percentiles(self, qs) -> list[float]:
+        """``numpy.percentile`` of the values repeated by their counts, without the repeat."""
+        values, counts = self._exact_pairs()
+        order = np.argsort(values, kind="stable")
+        values, cum = values[order], np.cumsum(counts[order])
+        out = []
+        for q in qs:
+            rank = q / 100 * (self.count - 1)
+            lo = int(math.floor(rank))
+            a, b = (float(values[np.searchsorted(cum, k, side="right")])
+                    for k in (lo, min(lo + 1, self.count - 1)))
+            out.append(interpolate(a, b, rank - lo))
+        return out
 
     def _folded_percentile(self, q: float) -> float:
         rank = q / 100 * (self.count - 1)
@@ -114,10 +172,18 @@ class Quantiles:
         return min(max(estimate, self.min), self.max)
 
 
-def _bucket_counts(values: np.ndarray) -> np.ndarray:
-    """Counts per bucket; bucket 0 holds the values below SMALLEST."""
+def interpolate(a: float, b: float, t: float) -> float:
+    """numpy's linear interpolation between neighbouring order statistics, in its two
+    halves (exact at both ends): what makes the weighted paths equal ``numpy.percentile``."""
+    return float(a + (b - a) * t) if t < 0.5 else float(b - (b - a) * (1 - t))
+
+
+def _bucket_counts(values: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
+    """Counts per bucket (each value ``counts`` times); bucket 0 holds the values below SMALLEST."""
     index = np.zeros(values.size, np.int64)
     positive = values >= SMALLEST
     logs = np.log(np.minimum(values[positive], LARGEST)) / _LOG_GAMMA
     index[positive] = np.ceil(logs).astype(np.int64) - _OFFSET + 1
-    return np.bincount(index, minlength=_BUCKETS)
+    if counts is None:
+        return np.bincount(index, minlength=_BUCKETS)
+    return np.bincount(index, weights=counts, minlength=_BUCKETS).round().astype(np.int64)

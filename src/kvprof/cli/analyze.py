@@ -53,6 +53,9 @@ class AnalyzeCommand:
                             help="only the steps starting in [START, END) seconds from the trace start")
         parser.add_argument("--predict", metavar="B[,B...]", type=parse_batch_sizes, default=(),
                             help="predict throughput at these batch sizes with the step-time model")
+        parser.add_argument("--summary", metavar="OUT",
+                            help="also write a summary that kvprof merge adds to others "
+                                 "(per day, per replica) without the trace's rows")
 
     def run(self, args) -> int:
         from kvprof.format.reader import replica_traces
@@ -63,6 +66,8 @@ class AnalyzeCommand:
         analysis = analyze_one(args.path, args)
         if args.html:
             write_html(analysis, args.html)
+        if args.summary:
+            write_summary_of([analysis], args.summary)
         if args.json:
             from kvprof.report.json_report import render
             print(render(analysis))
@@ -101,6 +106,8 @@ def analyze_deployment(args, paths: list[str]) -> int:
         rank = (analysis.run.get("data_parallel") or {}).get("rank", index)
         replicas.append((int(rank), analysis))
     dep = deployment(replicas)
+    if args.summary:
+        write_summary_of([a for _, a in replicas], args.summary, dep.span_s)
     if args.json:
         import json
 
@@ -139,6 +146,15 @@ def read_while_loading_kernels(path: str):
         # sight: every later collection, and the one at interpreter exit (~0.4 s), skip them.
         gc.freeze()
         return reading.result()
+
+
+def write_summary_of(analyses: list, out: str, span_s: float | None = None) -> None:
+    """The analyses' mergeable summary; replicas (``span_s``: the deployment's) run at once."""
+    from kvprof.analysis.summary import merged, summary_of
+    from kvprof.format.summary_file import write_summary
+
+    parts = [summary_of(a) for a in analyses]
+    write_summary(parts[0] if len(parts) == 1 else merged(parts, span_s), out)
 
 
 def write_html(analysis, out: str) -> None:

@@ -14,7 +14,7 @@ from kvprof.errors import KvprofError, UsageError
 COMMANDS = ("kvprof.cli.run:RunCommand", "kvprof.cli.info:InfoCommand", "kvprof.cli.analyze:AnalyzeCommand",
             "kvprof.cli.sweep:SweepCommand", "kvprof.cli.curve:CurveCommand",
             "kvprof.cli.predict:PredictCommand", "kvprof.cli.compare:CompareCommand",
-            "kvprof.cli.export:ExportCommand")
+            "kvprof.cli.export:ExportCommand", "kvprof.cli.merge:MergeCommand")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -214,3 +214,23 @@ def schema_for(table: str, *, writer: str, run_json: str | None = None) -> pa.Sc
 
 def column_names(table: str) -> list[str]:
     return [f.name for f in TABLES[table]]
+
+
+# Summary files (``kvprof analyze --summary``, ``kvprof merge``): one Arrow IPC file, one
+# row per latency kind holding its mergeable percentile summary (``analysis/quantiles.py``:
+# exact values and counts, or bucket counts), the totals in the schema metadata (JSON).
+SUMMARY_VERSION = "1.0"
+META_SUMMARY_VERSION = b"kvprof.summary_version"
+META_SUMMARY = b"kvprof.summary"
+SUMMARY = _fields(
+    ("kind", pa.string()),               # ttft, tpot, itl, e2e, queue
+    ("count", pa.int64()),               # values, counts included
+    ("total", pa.float64()),             # their sum (ms)
+    ("min", pa.float64()),
+    ("max", pa.float64()),
+    ("exact_max", pa.int64()),           # distinct values kept exactly before folding
+) + [
+    pa.field("values", pa.list_(pa.float64())),  # exact: the distinct values (ms); null once folded
+    pa.field("counts", pa.list_(pa.int64())),    # exact: how often each value was seen
+    pa.field("buckets", pa.list_(pa.int64())),   # folded: counts per logarithmic bucket; null if exact
+]
