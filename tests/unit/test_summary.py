@@ -123,3 +123,8 @@ def test_bad_summary_files_are_one_line(days, tmp_path, capsys):
         assert main(["merge", path]) == 2
         err = capsys.readouterr().err
         assert err.startswith("kvprof: error: ") and message in err and err.count("\n") == 1
+    good = str(tmp_path / "good.kvsum")
+    write_summary(summary_of(days[0][2]), good)
+    assert main(["merge", good, "--summary", str(tmp_path / "no" / "such" / "dir.kvsum")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvprof: error: cannot write ") and err.count("\n") == 1
