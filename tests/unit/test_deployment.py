@@ -30,17 +30,23 @@ def latency_values(truth) -> dict[str, list[float]]:
     return out
 
 
+def simulated(folder, name: str, sizes) -> list[tuple]:
+    """(path, simulation) of one synthetic trace per (requests, seed), at ``name.format(i)``."""
+    out = []
+    for i, (n, seed) in enumerate(sizes):
+        path = folder / name.format(i)
+        truth = build(path, mixed_specs(n, seed=seed))
+        attach_arrivals(truth, path)
+        out.append((path, truth))
+    return out
+
+
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory):
     """Two replicas given unequal work: 30 and 10 requests."""
     folder = tmp_path_factory.mktemp("dp")
-    truths = []
-    for rank, (n, seed) in enumerate([(30, 1), (10, 2)]):
-        path = folder / f"serve.dp{rank}.arrow"
-        truth = build(path, mixed_specs(n, seed=seed))
-        attach_arrivals(truth, path)
-        truths.append(truth)
-    return folder / "serve.arrow", truths
+    traces = simulated(folder, "serve.dp{}.arrow", [(30, 1), (10, 2)])
+    return folder / "serve.arrow", [truth for _, truth in traces]
 
 
 def test_merged_latency_equals_all_requests_of_both_replicas(replicas):

@@ -18,9 +18,8 @@ from kvprof.format import schema as S
 from kvprof.format.reader import read_trace
 from kvprof.format.summary_file import read_summary, write_summary
 
-from .synthetic import build, mixed_specs
-from .test_analysis import assert_summary, attach_arrivals, ref_summary
-from .test_deployment import latency_values
+from .test_analysis import assert_summary, ref_summary
+from .test_deployment import latency_values, simulated
 
 KINDS = ("ttft", "tpot", "itl", "e2e", "queue")
 
@@ -28,14 +27,8 @@ KINDS = ("ttft", "tpot", "itl", "e2e", "queue")
 @pytest.fixture(scope="module")
 def days(tmp_path_factory):
     """Two traces of different lengths (two 'days'), their analyses and simulations."""
-    folder = tmp_path_factory.mktemp("days")
-    out = []
-    for day, (n, seed) in enumerate([(30, 5), (12, 6)]):
-        path = folder / f"day{day}.arrow"
-        truth = build(path, mixed_specs(n, seed=seed))
-        attach_arrivals(truth, path)
-        out.append((path, truth, analyze(read_trace(str(path)))))
-    return out
+    traces = simulated(tmp_path_factory.mktemp("days"), "day{}.arrow", [(30, 5), (12, 6)])
+    return [(path, truth, analyze(read_trace(str(path)))) for path, truth in traces]
 
 
 def pooled(days) -> dict[str, list[float]]:

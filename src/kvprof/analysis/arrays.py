@@ -47,7 +47,6 @@ class GrowingColumns:
             for name, old in self._arrays.items():
                 self._arrays[name] = np.empty(self._capacity, old.dtype)
                 self._arrays[name][:self.size] = old[:self.size]
-                del old
         for name, values in columns.items():
             if name not in self._arrays:
                 self._arrays[name] = np.empty(self._capacity, values.dtype)

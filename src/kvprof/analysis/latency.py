@@ -13,7 +13,8 @@ from typing import Mapping
 
 import numpy as np
 
-from kvprof.analysis.quantiles import interpolate
+from kvprof.analysis.quantiles import (interpolate, neighbour_ranks, positive_counts,
+                                       ranked_percentile)
 
 QUANTILES = (50, 90, 99)
 NS_PER_MS = 1e6
@@ -68,10 +69,7 @@ def summarize(values: np.ndarray) -> Summary:
 
 def weighted_summary(values: np.ndarray, counts: np.ndarray) -> Summary:
     """Like ``summarize(np.repeat(values, counts))`` without materialising the repeat."""
-    values, counts = np.asarray(values, np.float64), np.asarray(counts)
-    if not (counts > 0).all():
-        keep = counts > 0
-        values, counts = values[keep], counts[keep]
+    values, counts = positive_counts(np.asarray(values, np.float64), np.asarray(counts))
     n = int(counts.sum(dtype=np.int64))
     if n == 0:
         return Summary(0)
@@ -80,7 +78,7 @@ def weighted_summary(values: np.ndarray, counts: np.ndarray) -> Summary:
     cum = np.cumsum(counts[order], dtype=np.int64)
     values = values[order]
     del order                                  # one step's worth of temporaries at a time
-    return Summary(n, mean, *(_ranked_quantile(values, cum, n, q) for q in QUANTILES))
+    return Summary(n, mean, *(ranked_percentile(values, cum, n, q) for q in QUANTILES))
 
 
 def weighted_summary_ns(values_ns: np.ndarray, counts: np.ndarray, chunk: int = 1 << 20) -> Summary:
@@ -88,10 +86,7 @@ def weighted_summary_ns(values_ns: np.ndarray, counts: np.ndarray, chunk: int = 
     gaps: one packed array (value << bits | count) sorted in place, walked chunk by
     chunk, instead of an argsort and three gathers (5 copies of 16 M gaps at 1 B rows).
     The mean is exact (integer sums). Values that do not pack take the general path."""
-    values_ns, counts = np.asarray(values_ns), np.asarray(counts)
-    if not (counts > 0).all():
-        keep = counts > 0
-        values_ns, counts = values_ns[keep], counts[keep]
+    values_ns, counts = positive_counts(np.asarray(values_ns), np.asarray(counts))
     n = int(counts.sum(dtype=np.int64))
     if n == 0:
         return Summary(0)
@@ -118,28 +113,13 @@ def weighted_summary_ns(values_ns: np.ndarray, counts: np.ndarray, chunk: int = 
 
 
 def _ranks_wanted(n: int) -> set[int]:
-    """The ranks ``_ranked_quantile`` reads for every quantile."""
-    out = set()
-    for q in QUANTILES:
-        lo = int(np.floor(q / 100 * (n - 1)))
-        out |= {lo, min(lo + 1, n - 1)}
-    return out
+    """The order statistics every quantile reads."""
+    return {k for q in QUANTILES for k in neighbour_ranks(n, q)[:2]}
 
 
 def _interpolated(value_at: dict[int, float], n: int, q: float) -> float:
-    rank = q / 100 * (n - 1)
-    lo = int(np.floor(rank))
-    return interpolate(value_at[lo], value_at[min(lo + 1, n - 1)], rank - lo)
-
-
-def _ranked_quantile(sorted_values: np.ndarray, cum_counts: np.ndarray, n: int, q: float) -> float:
-    """numpy's linear percentile: rank q/100*(n-1) between its two neighbouring values."""
-    rank = q / 100 * (n - 1)
-    lo = int(np.floor(rank))
-    hi = min(lo + 1, n - 1)
-    a = sorted_values[np.searchsorted(cum_counts, lo, side="right")]
-    b = sorted_values[np.searchsorted(cum_counts, hi, side="right")]
-    return interpolate(a, b, rank - lo)
+    lo, hi, t = neighbour_ranks(n, q)
+    return interpolate(value_at[lo], value_at[hi], t)
 
 
 def per_request_ms(req: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -49,10 +49,7 @@ class Quantiles:
     def add(self, values: np.ndarray, counts: np.ndarray | None = None) -> None:
         values = np.asarray(values, np.float64).ravel()
         if counts is not None:
-            counts = np.asarray(counts, np.int64).ravel()
-            keep = counts > 0
-            if not keep.all():
-                values, counts = values[keep], counts[keep]
+            values, counts = positive_counts(values, np.asarray(counts, np.int64).ravel())
         if values.size == 0:
             return
         if values.min() < 0:
@@ -143,22 +140,13 @@ class Quantiles:
         values, counts = self._exact_pairs()
         order = np.argsort(values, kind="stable")
         values, cum = values[order], np.cumsum(counts[order])
-        out = []
-        for q in qs:
-            rank = q / 100 * (self.count - 1)
-            lo = int(math.floor(rank))
-            a, b = (float(values[np.searchsorted(cum, k, side="right")])
-                    for k in (lo, min(lo + 1, self.count - 1)))
-            out.append(interpolate(a, b, rank - lo))
-        return out
+        return [ranked_percentile(values, cum, self.count, q) for q in qs]
 
     def _folded_percentile(self, q: float) -> float:
-        rank = q / 100 * (self.count - 1)
-        lo = int(math.floor(rank))
-        hi = min(lo + 1, self.count - 1)
+        lo, hi, t = neighbour_ranks(self.count, q)
         cum = np.cumsum(self._buckets)
         a, b = (self._order_statistic(cum, k) for k in (lo, hi))
-        return a + (b - a) * (rank - lo)
+        return a + (b - a) * t
 
     def _order_statistic(self, cum: np.ndarray, k: int) -> float:
         if k == 0:
@@ -170,6 +158,27 @@ class Quantiles:
             return 0.0
         estimate = 2 * _GAMMA ** (index - 1 + _OFFSET) / (_GAMMA + 1)
         return min(max(estimate, self.min), self.max)
+
+
+def positive_counts(values: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The (value, count) pairs seen at least once."""
+    keep = counts > 0
+    return (values, counts) if keep.all() else (values[keep], counts[keep])
+
+
+def neighbour_ranks(n: int, q: float) -> tuple[int, int, float]:
+    """numpy's linear percentile q of n values lies between the order statistics ``lo``
+    and ``hi``, a fraction ``t`` of the way."""
+    rank = q / 100 * (n - 1)
+    lo = int(math.floor(rank))
+    return lo, min(lo + 1, n - 1), rank - lo
+
+
+def ranked_percentile(sorted_values: np.ndarray, cum_counts: np.ndarray, n: int, q: float) -> float:
+    """Percentile q of sorted values seen ``diff(cum_counts)`` times each (n in all)."""
+    lo, hi, t = neighbour_ranks(n, q)
+    a, b = (sorted_values[np.searchsorted(cum_counts, k, side="right")] for k in (lo, hi))
+    return interpolate(a, b, t)
 
 
 def interpolate(a: float, b: float, t: float) -> float:

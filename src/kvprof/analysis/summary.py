@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvprof.analysis.latency import KINDS, NS_PER_MS, Latency, Summary
+from kvprof.analysis.latency import KINDS, NS_PER_MS, QUANTILES, Latency, Summary
 from kvprof.analysis.quantiles import RELATIVE_ERROR, Quantiles
 from kvprof.errors import TraceFormatError
 
 TOKEN_KINDS = ("input", "cached_input", "output", "scheduled")
-PERCENTILES = (50, 90, 99)
 CHUNK = 1 << 20
 
 
@@ -63,7 +62,7 @@ class TraceSummary:
 def _summary(q: Quantiles) -> Summary:
     if q.count == 0:
         return Summary(0)
-    return Summary(q.count, q.mean, *q.percentiles(PERCENTILES))
+    return Summary(q.count, q.mean, *q.percentiles(QUANTILES))
 
 
 def summary_of(analysis, exact_max: int | None = None) -> TraceSummary:
