@@ -204,7 +204,10 @@ def _serve_completions(path, n: int, args=(), env=None) -> None:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model_path(),
            "--load-format", "dummy", "--host", "127.0.0.1", "--port", str(port),
            "--max-num-seqs", "8", "--max-model-len", "2048", "--enforce-eager",
-           "--kv-cache-memory-bytes", str(256 * 2**20), "--disable-log-stats", *args]
+           "--kv-cache-memory-bytes", str(256 * 2**20), "--disable-log-stats",
+           # vLLM force-kills an EngineCore that has not exited 0 s (default) after ^C; a
+           # loaded machine can need seconds to close the trace. Wait for the condition.
+           "--shutdown-timeout", "120", *args]
     server = subprocess.Popen(cmd, env={**os.environ, "KVPROF_TRACE": str(path), **(env or {})},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
