@@ -21,13 +21,13 @@ from kvprof.analysis.batch import Batch, batch
 from kvprof.analysis.device import DeviceTime
 from kvprof.analysis.forward_pass import ROW_COLUMNS, ForwardSummary, forward_pass
 from kvprof.analysis.host import HostTime, host_time
-from kvprof.analysis.kv import KV, kv
+from kvprof.analysis.kv import KV, blocks_used, kv
 from kvprof.analysis.latency import KINDS, Latency, latency
-from kvprof.analysis.memory import Memory, memory
-from kvprof.analysis.predict import Requests, StepModel, step_model
+from kvprof.analysis.memory import Memory, memory, step_readings
+from kvprof.analysis.predict import Requests, StepModel, fitted_model
 from kvprof.analysis.ranks import Ranks, ranks, streamed_ranks
 from kvprof.analysis.request_pass import Replay, load_kernels, replay  # noqa: F401 (re-exported)
-from kvprof.analysis.step_model import step_samples
+from kvprof.analysis.step_model import fit, step_samples
 from kvprof.analysis.step_pass import StepTable, step_pass, window_mask
 from kvprof.analysis.throughput import Throughput, Tokens, throughput
 from kvprof.errors import TraceFormatError, UsageError
@@ -36,6 +36,13 @@ from kvprof.format import schema as S
 REPORT_VERSION = "1.2"   # 1.1: host_time; 1.2: ranks
 NEEDED_TABLES = ("request_steps", "requests", "preemptions", "forward", "host_samples", "host_frames")
 STREAMED_TABLES = ("steps", "request_steps", "forward", "requests")   # read batch by batch, never whole in Arrow
+# step columns summed (batch, kv, memory) before the request pass and then let go: only the
+# timeline shows them step by step, and it reads them again when a plot asks for it
+# (24 bytes a step; step_pass column -> timeline column)
+PLOT_ONLY = {"num_running": "running", "num_waiting": "waiting", "kv_blocks_used": "kv_blocks_used",
+             "rss_bytes": "rss_bytes"}
+TIMELINE = ("step", "t_s", "step_ms", "running", "waiting", "kv_blocks_used", "decode_requests",
+            "prefill_tokens", "total_tokens", "context_tokens", "output_tokens", "rss_bytes")
 FORWARD_COLUMNS = tuple(f.name for f in S.TABLES["forward"])
 NS_PER_S = 1e9
 _REQUEST_COLUMNS = ("req", "arrival_ns", "queued_ns", "first_scheduled_ns", "first_token_ns",
@@ -68,6 +75,7 @@ class Analysis:
     step_time_model: StepModel
     device_time: DeviceTime
     timeline_columns: dict = field(repr=False)  # per selected step: see ``timeline``
+    plot_columns: Callable[[], dict] = field(repr=False)   # PLOT_ONLY's columns, read when asked
     request_ids: Callable[[], pa.ChunkedArray] = field(repr=False)   # read when asked
     finished_rows: np.ndarray = field(repr=False)          # rows of requests in latency stats
     run: dict = field(default_factory=dict, repr=False)
@@ -80,11 +88,11 @@ class Analysis:
     def timeline(self) -> pa.Table:
         """One row per selected step, for plots and comparisons. Made when first asked:
         its float columns would be 16 bytes a step that a JSON or text report never reads."""
-        columns = dict(self.timeline_columns)
+        columns = {**self.timeline_columns, **self.plot_columns()}
         start, end = columns.pop("t_schedule_start_ns"), columns.pop("t_update_end_ns")
-        origin = columns.pop("origin_ns")
-        return arrow_table({"step": columns.pop("step"), "t_s": (start - origin) / NS_PER_S,
-                            "step_ms": (end - start) / 1e6, **columns})
+        columns["t_s"] = (start - columns.pop("origin_ns")) / NS_PER_S
+        columns["step_ms"] = (end - start) / 1e6
+        return arrow_table({name: columns[name] for name in TIMELINE})
 
     @cached_property
     def all_request_ids(self) -> pa.ChunkedArray:
@@ -151,9 +159,28 @@ def analyze(trace, window: tuple[float | None, float | None] | None = None,
         raise EmptyTraceError(f"{trace.path}: no request finished in the trace "
                               f"({requests['req'].size} requests recorded); nothing to measure")
     sel = _selection(steps, window)
+    summed = _summed_steps(sel, trace.run)
+    for name in PLOT_ONLY:          # the request pass's state takes their place
+        del steps[name]
+        sel.steps.pop(name, None)
     chosen = _in_range(requests["finish_step"], sel.step_range) & (requests["finish_ns"] >= 0)
     result = replay(trace, steps, requests, sel.mask, chosen)
-    return _assemble(trace, window, predict, sel, table, requests, chosen, result)
+    return _assemble(trace, window, predict, sel, table, requests, chosen, result, summed)
+
+
+@dataclass
+class SummedSteps:
+    """What batch, kv and memory take from the selected steps' PLOT_ONLY columns."""
+
+    batch: Batch
+    blocks_used: tuple[int, float]
+    readings: dict
+
+
+def _summed_steps(sel: "Selection", run: dict) -> SummedSteps:
+    st = sel.steps
+    return SummedSteps(batch(st, run.get("engine", {})), blocks_used(st),
+                       step_readings(st, run.get("kv", {}).get("bytes_per_block")))
 
 
 def _selection(steps: dict, window) -> Selection:
@@ -205,7 +232,7 @@ def _fmt(value) -> str:
 
 
 def _assemble(trace, window, predict, sel: Selection, table: StepTable, requests, chosen,
-              rp: Replay) -> Analysis:
+              rp: Replay, summed: SummedSteps) -> Analysis:
     """Run the per-topic analyses on the selection and the kernel's results."""
     st, mask = sel.steps, sel.mask
     admitted = _in_range(requests["first_scheduled_step"], sel.step_range)
@@ -214,14 +241,14 @@ def _assemble(trace, window, predict, sel: Selection, table: StepTable, requests
                     output=int(sel.of(rp.emitted).sum()), scheduled=int(st["total_tokens"].sum()))
     engine, run_kv = trace.run.get("engine", {}), trace.run.get("kv", {})
     done = requests if chosen.all() else Masked(requests, chosen)
-    kv_result = kv(st, table.counters, table.kv_capacity, run_kv, tokens.input,
+    kv_result = kv(summed.blocks_used, table.counters, table.kv_capacity, run_kv, tokens.input,
                    tokens.cached_input, rp.recomputed)
-    batch_result = batch(st, engine)
+    batch_result = summed.batch
     # the model's temporaries are the pass's largest: fitted before the forward rows are read
     model = _step_model(sel, rp, done, predict, kv_result, engine, batch_result,
                         tokens.output / sel.duration_s if sel.duration_s else 0.0)
     forward = _forward(trace, sel)
-    seen, n_done = int(rp.req_seen.sum()), int(chosen.sum())
+    seen, n_done = rp.requests_seen, int(chosen.sum())
     return Analysis(
         path=trace.path, format_version=trace.format_version, window_s=_window_bounds(window),
         duration_s=sel.duration_s, steps=int(mask.sum()), requests=seen,
@@ -229,10 +256,11 @@ def _assemble(trace, window, predict, sel: Selection, table: StepTable, requests
         throughput=throughput(tokens, n_done, sel.duration_s, sel.span_ns, sel.origin_ns,
                               _events(sel, rp, requests, admitted, chosen)),
         latency=latency(done, rp.itl_values_ns, rp.itl_counts), batch=batch_result, kv=kv_result,
-        memory=memory(st, forward.readings, run_kv.get("bytes_per_block")),
+        memory=memory(summed.readings, forward.readings),
         step_time_model=model, device_time=forward.device_time,
         ranks=_ranks(trace, sel, forward),
-        timeline_columns=_timeline_columns(sel, rp), request_ids=lambda: _request_ids(trace),
+        timeline_columns=_timeline_columns(sel, rp), plot_columns=lambda: _plot_columns(trace, sel),
+        request_ids=lambda: _request_ids(trace),
         finished_rows=chosen, run=trace.run, warnings=list(trace.warnings),
         host_time=_host_time(trace, sel, forward), span_ns=sel.span_ns)
 
@@ -295,15 +323,17 @@ def _window_bounds(window) -> tuple[float, float] | None:
 def _step_model(sel: Selection, rp: Replay, done, predict, kv_result: KV, engine, batch_result,
                 measured_output_rate) -> StepModel:
     """Fit on the selected steps that scheduled tokens (their cycle: schedule start to the
-    next schedule start); predict for the finished requests' workload."""
+    next schedule start); predict for the finished requests' workload. The samples go
+    before the predictions' schedules are simulated: both are as long as a day."""
     st = sel.steps
-    samples = step_samples(st["t_schedule_start_ns"], st["total_tokens"] > 0, st["num_decode_reqs"],
-                           st["prefill_tokens"], sel.of(rp.context), int(batch_result.max_running or 0))
+    fitted = fit(step_samples(st["t_schedule_start_ns"], st["total_tokens"] > 0,
+                              st["num_decode_reqs"], st["prefill_tokens"], sel.of(rp.context),
+                              int(batch_result.max_running or 0)))
     requests = Requests(done["prompt_tokens"], done["cached_prompt_tokens"], done["output_tokens"])
     limits = {"token_budget": engine.get("max_num_batched_tokens"),
               "block_size": kv_result.block_size, "blocks_total": kv_result.blocks_total}
     ran = engine.get("max_num_seqs") or batch_result.max_running
-    return step_model(samples, requests, limits, tuple(predict),
+    return fitted_model(fitted, requests, limits, tuple(predict),
                       observed=(int(ran), measured_output_rate) if ran else None)
 
 
@@ -313,12 +343,17 @@ def _request_ids(trace) -> pa.ChunkedArray:
 
 
 def _timeline_columns(sel: Selection, rp: Replay) -> dict:
-    """What ``Analysis.timeline`` is made of (references, no copies), in its order."""
+    """What ``Analysis.timeline`` is made of (references, no copies), but PLOT_ONLY's."""
     st = sel.steps
     return {"step": st["step"], "origin_ns": sel.origin_ns,
             "t_schedule_start_ns": st["t_schedule_start_ns"], "t_update_end_ns": st["t_update_end_ns"],
-            "running": st["num_running"], "waiting": st["num_waiting"],
-            "kv_blocks_used": st["kv_blocks_used"], "decode_requests": st["num_decode_reqs"],
+            "decode_requests": st["num_decode_reqs"],
             "prefill_tokens": st["prefill_tokens"], "total_tokens": st["total_tokens"],
-            "context_tokens": sel.of(rp.context), "output_tokens": sel.of(rp.emitted),
-            "rss_bytes": st["rss_bytes"]}
+            "context_tokens": sel.of(rp.context), "output_tokens": sel.of(rp.emitted)}
+
+
+def _plot_columns(trace, sel: Selection) -> dict:
+    """PLOT_ONLY's columns at the selected steps, read again from the steps table."""
+    names = tuple(PLOT_ONLY)
+    columns = batch_columns(trace.batches("steps", names), names)
+    return {PLOT_ONLY[name]: sel.of(values) for name, values in columns.items()}

@@ -13,18 +13,19 @@ from numba import njit
 from kvprof.format.schema import PHASE_DECODE
 
 # The per-step outputs, one array each (so that the results need no copy): context tokens,
-# tokens emitted, tokens recomputed, adjacent inter-token gaps ending at the step.
-STEP_DTYPES = (np.int64, np.int32, np.int64, np.int32)
+# tokens emitted, adjacent inter-token gaps ending at the step.
+STEP_DTYPES = (np.int64, np.int32, np.int32)
 # Columns of the per-request state (shape (requests, 4): one cache line per request).
 REQ_EMITTED, REQ_LAST_POS, REQ_HIGH_WATER, REQ_SEEN = range(4)
-# Entries of the scalar totals (shape (3,)).
-TOTAL_OTHER_GAPS, TOTAL_DECODE_CONTEXT, TOTAL_DECODE_ROWS = range(3)
+# Entries of the scalar totals (shape (4,)); the recomputed tokens are only ever summed over
+# the selected steps, so they are a total, not 8 bytes a step.
+TOTAL_OTHER_GAPS, TOTAL_DECODE_CONTEXT, TOTAL_DECODE_ROWS, TOTAL_RECOMPUTED = range(4)
 
 
 def new_state(n_steps: int, n_req: int, other_capacity: int):
     """Zeroed (per-step arrays, per-request, other gaps, totals) for ``replay_batch``."""
     return tuple(np.zeros(n_steps, dtype) for dtype in STEP_DTYPES), new_requests(n_req), \
-        np.empty(max(other_capacity, 1), np.int64), np.zeros(3, np.int64)
+        np.empty(max(other_capacity, 1), np.int64), np.zeros(4, np.int64)
 
 
 def new_requests(n_req: int) -> np.ndarray:
@@ -37,7 +38,7 @@ def new_requests(n_req: int) -> np.ndarray:
 @njit(cache=True, nogil=True)
 def replay_batch(step, req, phase, tokens, computed, start, step_min, step_pos, in_window,
                  step_end_ns, prompt, delivered, latency_req, step_context, step_emitted,
-                 step_recomputed, step_next_gaps, per_req, other_gaps, totals):
+                 step_next_gaps, per_req, other_gaps, totals):
     """Replay rows ``start``.. of one batch of request_steps (in step order), updating the
     state in place; returns the row it stopped at: the batch's length, or earlier when
     ``other_gaps`` is full (the caller grows it and calls again from there).
@@ -54,7 +55,8 @@ def replay_batch(step, req, phase, tokens, computed, start, step_min, step_pos, 
     aborted while its last step ran.
     """
     n_req = prompt.shape[0]
-    n_lookup = step_pos.shape[0]
+    dense = step_pos.shape[0] == 0          # steps numbered without a gap: no lookup table
+    n_lookup = step_context.shape[0] if dense else step_pos.shape[0]
     n_other = totals[TOTAL_OTHER_GAPS]
     for i in range(start, step.shape[0]):
         if n_other == other_gaps.shape[0]:
@@ -63,7 +65,7 @@ def replay_batch(step, req, phase, tokens, computed, start, step_min, step_pos, 
         k = step[i] - step_min
         if k < 0 or k >= n_lookup:
             continue
-        s = step_pos[k]
+        s = k if dense else step_pos[k]
         r = req[i]
         if s < 0 or r < 0 or r >= n_req:
             continue
@@ -83,7 +85,7 @@ def replay_batch(step, req, phase, tokens, computed, start, step_min, step_pos, 
             step_context[s] += ctx
             per_req[r, REQ_SEEN] = 1
             if redo > 0:
-                step_recomputed[s] += redo
+                totals[TOTAL_RECOMPUTED] += redo
             if phase[i] == PHASE_DECODE:
                 totals[TOTAL_DECODE_CONTEXT] += ctx
                 totals[TOTAL_DECODE_ROWS] += 1

@@ -33,17 +33,23 @@ class KV:
         return dict(self.__dict__)
 
 
-def kv(steps: Mapping[str, np.ndarray], counters: Mapping[str, int], capacity: int | None,
-       run_kv: Mapping, prompt_tokens: int, cached_tokens: int, recomputed_tokens: int) -> KV:
-    """``steps``: the selected steps' kept columns; ``counters``: their block, prefix-hit and
-    preemption columns summed; ``capacity``: their largest used + free blocks (the pool
-    size when the run metadata lacks it). ``prompt_tokens`` / ``cached_tokens``: of the
-    requests admitted in the selection."""
+def blocks_used(steps: Mapping[str, np.ndarray]) -> tuple[int, float]:
+    """Peak and mean of the selected steps' blocks in use (what ``kv`` needs of them
+    step by step: taken before the column is let go)."""
     used = steps["kv_blocks_used"]
+    return int(used.max()), float(used.mean())
+
+
+def kv(used: tuple[int, float], counters: Mapping[str, int], capacity: int | None,
+       run_kv: Mapping, prompt_tokens: int, cached_tokens: int, recomputed_tokens: int) -> KV:
+    """``used``: ``blocks_used`` of the selected steps; ``counters``: their block,
+    prefix-hit and preemption columns summed; ``capacity``: their largest used + free
+    blocks (the pool size when the run metadata lacks it). ``prompt_tokens`` /
+    ``cached_tokens``: of the requests admitted in the selection."""
     total = run_kv.get("usable_blocks")
     total = capacity if total is None else total
     per_block = run_kv.get("bytes_per_block")
-    peak, mean = int(used.max()), float(used.mean())
+    peak, mean = used
     return KV(
         blocks_total=total, bytes_per_block=per_block, block_size=run_kv.get("block_size"),
         peak_blocks_used=peak, mean_blocks_used=mean,

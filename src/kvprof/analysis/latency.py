@@ -9,6 +9,7 @@ values with counts, because most inter-token gaps repeat per step.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Mapping
 
 import numpy as np
@@ -45,9 +46,21 @@ class Latency:
     itl: Summary
     e2e: Summary
     queue: Summary
-    per_request_ms: dict[str, np.ndarray] = field(repr=False, default_factory=dict)  # NaN: undefined
+    # the finished requests' columns (``per_request_ms`` is made from them when first asked)
+    requests: Mapping[str, np.ndarray] = field(repr=False, default_factory=dict)
     itl_values_ns: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0, np.int64))
     itl_counts: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0, np.int64))
+
+    @cached_property
+    def per_request_ms(self) -> dict[str, np.ndarray]:
+        """Each latency per request in ms (NaN: undefined) and "req". Made when asked (HTML,
+        export, comparisons): a JSON or text report never holds 36 bytes a request for it."""
+        return per_request_ms(self.requests)
+
+    def kind_ms(self, kind: str) -> np.ndarray:
+        """One of REQUEST_KINDS per request, without making the others."""
+        made = self.__dict__.get("per_request_ms")
+        return made[kind] if made is not None else request_ms(self.requests, kind)
 
     @property
     def itl_values_ms(self) -> np.ndarray:
@@ -122,19 +135,24 @@ def _interpolated(value_at: dict[int, float], n: int, q: float) -> float:
     return interpolate(value_at[lo], value_at[hi], t)
 
 
+REQUEST_KINDS = ("ttft", "e2e", "queue", "tpot")   # one value per request (ITL: per token)
+
+
 def per_request_ms(req: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Each latency per request in ms, NaN where undefined (definitions in docs/analyses.md),
     with the request index under "req"."""
-    arrival, queued = req["arrival_ns"], req["queued_ns"]
-    scheduled, first, finish = req["first_scheduled_ns"], req["first_token_ns"], req["finish_ns"]
-    outputs = req["output_tokens"]
-    return {
-        "req": np.asarray(req["req"]),
-        "ttft": _span_ms(arrival, first),
-        "e2e": _span_ms(arrival, finish),
-        "queue": _span_ms(queued, scheduled),
-        "tpot": np.where(outputs >= 2, _span_ms(first, finish) / np.maximum(outputs - 1, 1), np.nan),
-    }
+    return {"req": np.asarray(req["req"]), **{kind: request_ms(req, kind) for kind in REQUEST_KINDS}}
+
+
+def request_ms(req: Mapping[str, np.ndarray], kind: str) -> np.ndarray:
+    """One of REQUEST_KINDS per request, in ms (NaN: undefined)."""
+    if kind == "tpot":
+        outputs = np.asarray(req["output_tokens"])
+        span = _span_ms(req["first_token_ns"], req["finish_ns"])
+        return np.where(outputs >= 2, span / np.maximum(outputs - 1, 1), np.nan)
+    start, end = {"ttft": ("arrival_ns", "first_token_ns"), "e2e": ("arrival_ns", "finish_ns"),
+                  "queue": ("queued_ns", "first_scheduled_ns")}[kind]
+    return _span_ms(req[start], req[end])
 
 
 def _span_ms(start: np.ndarray, end: np.ndarray) -> np.ndarray:
@@ -149,15 +167,24 @@ def ms(values_ns: np.ndarray) -> np.ndarray:
 
 def latency(req: Mapping[str, np.ndarray], itl_values_ns: np.ndarray,
             itl_counts: np.ndarray) -> Latency:
-    """Summaries over the given (already chosen) finished requests and their ITL gaps."""
-    return summarised(per_request_ms(req), itl_values_ns, itl_counts)
+    """Summaries over the given (already chosen) finished requests and their ITL gaps,
+    one latency at a time (a day's requests: one column of temporaries at once)."""
+    summaries = {kind: _defined_summary(request_ms(req, kind)) for kind in REQUEST_KINDS}
+    return Latency(itl=weighted_summary_ns(itl_values_ns, itl_counts), requests=req,
+                   itl_values_ns=np.asarray(itl_values_ns), itl_counts=np.asarray(itl_counts),
+                   **summaries)
 
 
 def summarised(per_request: dict[str, np.ndarray], itl_values_ns: np.ndarray,
                itl_counts: np.ndarray) -> Latency:
     """Summaries of per-request latencies (NaN: undefined) and of ITL values (ns) with counts."""
-    summaries = {kind: summarize(v[~np.isnan(v)]) for kind, v in per_request.items()
-                 if kind != "req"}
-    return Latency(itl=weighted_summary_ns(itl_values_ns, itl_counts), per_request_ms=per_request,
-                   itl_values_ns=np.asarray(itl_values_ns), itl_counts=np.asarray(itl_counts),
-                   **summaries)
+    summaries = {kind: _defined_summary(v) for kind, v in per_request.items() if kind != "req"}
+    result = Latency(itl=weighted_summary_ns(itl_values_ns, itl_counts),
+                     itl_values_ns=np.asarray(itl_values_ns), itl_counts=np.asarray(itl_counts),
+                     **summaries)
+    result.per_request_ms = per_request      # given, not made from request columns
+    return result
+
+
+def _defined_summary(values: np.ndarray) -> Summary:
+    return summarize(values[~np.isnan(values)])

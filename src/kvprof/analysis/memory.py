@@ -90,10 +90,24 @@ def forward_rows(forward: Mapping[str, np.ndarray], step_range: tuple[int, int] 
     return (step >= step_range[0]) & (step <= step_range[1])
 
 
-def memory(steps: Mapping[str, np.ndarray], forward_readings: Mapping[str, Reading],
-           bytes_per_block: int | None) -> Memory:
-    """``forward_readings``: the workers' series, summed by ``forward_pass``."""
-    readings = {"engine_rss_bytes": reading(steps["rss_bytes"]), **forward_readings}
-    used = steps["kv_blocks_used"].astype(np.int64)
-    readings["kv_in_use_bytes"] = reading(used * bytes_per_block) if bytes_per_block else Reading(0)
-    return Memory(readings)
+def step_readings(steps: Mapping[str, np.ndarray], bytes_per_block: int | None) -> dict[str, Reading]:
+    """The series read from the steps table: the EngineCore's RSS and the KV blocks in use
+    (in bytes). Summed early, so that their columns need not stay per step."""
+    kv_bytes = (_blocks_reading(steps["kv_blocks_used"], bytes_per_block) if bytes_per_block
+                else Reading(0))
+    return {"engine_rss_bytes": reading(steps["rss_bytes"]), "kv_in_use_bytes": kv_bytes}
+
+
+def memory(step_series: Mapping[str, Reading], forward_readings: Mapping[str, Reading]) -> Memory:
+    """``step_series``: ``step_readings``; ``forward_readings``: the workers' series, summed
+    by ``forward_pass``."""
+    return Memory({"engine_rss_bytes": step_series["engine_rss_bytes"], **forward_readings,
+                   "kv_in_use_bytes": step_series["kv_in_use_bytes"]})
+
+
+def _blocks_reading(used: np.ndarray, bytes_per_block: int) -> Reading:
+    """Blocks in use times bytes per block, summed a slice at a time (not 8 bytes a step)."""
+    summed = ReadingSum()
+    for lo in range(0, used.size, SUM_SLICE):
+        summed.add(used[lo:lo + SUM_SLICE].astype(np.int64) * bytes_per_block)
+    return summed.reading()

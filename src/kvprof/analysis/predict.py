@@ -130,7 +130,8 @@ def simulate(requests: Requests, batch_size: int, token_budget: int | None,
     kernel time them with ``costs`` (ns: per step, decode, prefill token, context token)."""
     from kvprof.analysis._kernels import simulate_schedule
 
-    as_int = lambda a: np.ascontiguousarray(a, np.int64)  # noqa: E731
+    # tokens of one request fit in int32: a day's requests are not copied to int64
+    as_int = lambda a: np.ascontiguousarray(a, np.int32)  # noqa: E731
     costs = np.zeros(len(COEFFICIENTS)) if costs is None else np.asarray(costs, np.float64)
     composition, admitted, first, finished, totals, start, first_ns, finish, clock = \
         simulate_schedule(as_int(requests.prompt), as_int(requests.cached),
@@ -242,7 +243,12 @@ def step_model(samples: StepSamples, requests: Requests, limits: dict, predict_a
     """Fit on ``samples``; predict at ``predict_at`` for ``requests``; ``observed`` =
     (batch size run, measured output tokens/s). ``limits``: token_budget, block_size,
     blocks_total (any may be None)."""
-    f = fit(samples)
+    return fitted_model(fit(samples), requests, limits, predict_at, observed)
+
+
+def fitted_model(f: Fit, requests: Requests, limits: dict, predict_at: tuple = (),
+                 observed: tuple[int, float] | None = None) -> StepModel:
+    """``step_model`` from a fit already made (its samples may be gone: a day's steps)."""
     if f.coefficients is None or not len(requests.prompt):
         return StepModel(f, [])
     run = lambda b: predict(f, requests, b, **limits)  # noqa: E731

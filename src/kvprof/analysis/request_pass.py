@@ -31,8 +31,8 @@ class Replay:
     recomputed: int          # tokens recomputed in the selected steps
     itl_values_ns: np.ndarray
     itl_counts: np.ndarray
-    req_emitted: np.ndarray
-    req_seen: np.ndarray
+    req_emitted: np.ndarray  # tokens each request sampled (int32)
+    requests_seen: int       # requests with a row in the selected steps
     decode_context: int
     decode_rows: int
 
@@ -85,6 +85,10 @@ class _RequestState:
         if top > 4 * (self.table_rows + rows_so_far) + 1024:
             raise TraceFormatError(f"{path}: request index {top} is out of range (corrupt trace?)")
 
+    def release(self) -> None:
+        """Let the per-request arrays and the gap buffer go (the per-step ones are results)."""
+        self.prompt = self.delivered = self.latency_req = self.per_req = self.other = None
+
     def grow_other(self) -> None:
         self.other = np.concatenate([self.other, np.empty(self.other.size, np.int64)])
 
@@ -96,7 +100,7 @@ def replay(trace, steps: dict, requests: dict, in_window: np.ndarray, chosen: np
     kernels = load_kernels()
     step_min, lookup = _step_lookup(steps["step"], trace.path)
     end_ns = np.ascontiguousarray(steps["t_update_end_ns"], np.int64)
-    window = in_window.astype(np.uint8)
+    window = in_window.view(np.uint8)    # bool and uint8 share a layout: no copy
     state = _RequestState(kernels, requests, chosen, end_ns.size, trace.path)
     rows_so_far = 0
     for record_batch in read_ahead(trace.batches("request_steps", tuple(ROW_DTYPES))):
@@ -112,22 +116,25 @@ def replay(trace, steps: dict, requests: dict, in_window: np.ndarray, chosen: np
                                          *state.per_step, state.per_req, state.other, state.totals)
             if start < record_batch.num_rows:
                 state.grow_other()
-    other = state.other[:state.totals[kernels.TOTAL_OTHER_GAPS]]
-    return _replay_result(kernels, state.per_step, state.per_req, other, state.totals, end_ns,
-                          in_window)
+    return _replay_result(kernels, state, end_ns)
 
 
-def _replay_result(k, per_step, per_req, other, totals, end_ns, in_window) -> Replay:
-    """ITL as (value, count) pairs: adjacent-step gaps counted per step, the rest one by one."""
-    context, emitted, recomputed, next_gaps = per_step
+def _replay_result(k, state: _RequestState, end_ns: np.ndarray) -> Replay:
+    """ITL as (value, count) pairs: adjacent-step gaps counted per step, the rest one by one.
+    What is kept per request is copied out first, so that the (requests x 4) state is
+    gone before the pairs are made."""
+    totals, (context, emitted, next_gaps) = state.totals, state.per_step
+    emitted_per_request = state.per_req[:, k.REQ_EMITTED].astype(np.int32)
+    seen = int(state.per_req[:, k.REQ_SEEN].sum())
+    other = state.other[:totals[k.TOTAL_OTHER_GAPS]].copy()
+    state.release()
     adjacent = next_gaps[1:] > 0      # a mask, not indices: a day's trace has millions of steps
     values = masked_diff(end_ns, adjacent, other)
     counts = np.ones(values.size, np.int32)
     np.compress(adjacent, next_gaps[1:], out=counts[:values.size - other.size])
-    # per-request columns copied out, so that the (requests x 4) state can go
-    return Replay(context, emitted, int(np.sum(recomputed, where=in_window)), values, counts,
-                  per_req[:, k.REQ_EMITTED].copy(), per_req[:, k.REQ_SEEN].copy(),
-                  int(totals[k.TOTAL_DECODE_CONTEXT]), int(totals[k.TOTAL_DECODE_ROWS]))
+    return Replay(context, emitted, int(totals[k.TOTAL_RECOMPUTED]), values, counts,
+                  emitted_per_request, seen, int(totals[k.TOTAL_DECODE_CONTEXT]),
+                  int(totals[k.TOTAL_DECODE_ROWS]))
 
 
 def _batch_arrays(batch: pa.RecordBatch, path: str) -> list[np.ndarray]:
@@ -145,8 +152,12 @@ def _readonly(values: np.ndarray) -> np.ndarray:
 
 
 def _step_lookup(step_numbers: np.ndarray, path: str) -> tuple[int, np.ndarray]:
-    """Dense step number -> position table; refuses numbers too sparse to be a real trace."""
+    """Dense step number -> position table; refuses numbers too sparse to be a real trace.
+    Steps numbered without a gap (increasing, as ``check_order`` made sure) need no table:
+    an empty one tells the kernel that a step's position is its number less the first."""
     lo, hi = int(step_numbers.min()), int(step_numbers.max())
+    if hi - lo + 1 == step_numbers.size:
+        return lo, np.empty(0, np.int32)
     if hi - lo > 4 * step_numbers.size + 1024:
         raise TraceFormatError(f"{path}: step numbers {lo}..{hi} for {step_numbers.size} steps "
                                f"(corrupt trace?)")

@@ -26,6 +26,7 @@ BOOTSTRAP_DRAWS = 200
 COLLINEAR_R2 = 0.995       # a column explained this well by the others cannot be told apart
 F99 = 6.63                 # 99 % point of chi2(1): "fits as well" (see alternatives)
 CHUNK = 1 << 16            # steps whose design matrix is built at once
+STARTS_AT_ONCE = 1 << 20   # bootstrap block starts drawn at once
 
 
 def nnls(a: np.ndarray, b: np.ndarray, max_iter: int | None = None) -> np.ndarray:
@@ -278,9 +279,14 @@ def bootstrap(samples: StepSamples, scale: np.ndarray, draws: int, seed: int) ->
     stride = max(1, block // 8)
     per_block = max(1, block // stride)                 # a block is a whole number of strides
     prefix = _stride_prefix(samples, scale, stride)
-    starts = np.random.default_rng(seed).integers(0, prefix.shape[0] - per_block,
-                                                   size=(draws, -(-n // (per_block * stride))))
-    sums = block_sums(prefix, starts, per_block)
+    rng, blocks = np.random.default_rng(seed), -(-n // (per_block * stride))
+    # the draws' block starts a few draws at a time (the same numbers as all at once: the
+    # generator's stream does not depend on how it is cut): 100 MB for 200 draws of a day
+    at_once = max(1, STARTS_AT_ONCE // blocks)
+    sums = np.vstack([block_sums(prefix, rng.integers(0, prefix.shape[0] - per_block,
+                                                      size=(min(at_once, draws - lo), blocks)),
+                                 per_block)
+                      for lo in range(0, draws, at_once)])
     upper = np.triu_indices(p)
     out = np.empty((draws, p))
     g = np.empty((p, p))

@@ -77,7 +77,7 @@ def summary_of(analysis, exact_max: int | None = None) -> TraceSummary:
                 _add(q, np.asarray(lat.itl_values_ns[lo:lo + CHUNK], np.float64) / NS_PER_MS,
                      lat.itl_counts[lo:lo + CHUNK], kind)
         else:
-            values = lat.per_request_ms[kind]
+            values = lat.kind_ms(kind)
             _add(q, values[~np.isnan(values)], None, kind)
     t = analysis.tokens
     return TraceSummary([analysis.path], analysis.steps, analysis.duration_s,

@@ -12,6 +12,7 @@ import numpy as np
 
 NS_PER_S = 1e9
 TARGET_BINS = 60
+CHUNK = 1 << 20        # events binned at a time
 
 
 @dataclass
@@ -82,8 +83,12 @@ def binned_rates(span_ns: tuple[int, int], origin_ns: int, bin_s: float,
     n_bins = max(int(math.ceil((end - start) / width_ns)), 1)
     columns = {"t_s": (start - origin_ns) / NS_PER_S + bin_s * np.arange(n_bins)}
     for name, (t_ns, amount) in events.items():
-        inside = (t_ns >= start) & (t_ns <= end)
-        index = np.minimum(((t_ns[inside] - start) // width_ns).astype(np.int64), n_bins - 1)
-        columns[name] = np.bincount(index, weights=amount[inside].astype(np.float64),
-                                    minlength=n_bins) / bin_s
+        totals = np.zeros(n_bins)
+        for lo in range(0, t_ns.size, CHUNK):     # a day's steps: a chunk of temporaries at a time
+            t, a = t_ns[lo:lo + CHUNK], amount[lo:lo + CHUNK]
+            inside = (t >= start) & (t <= end)
+            index = np.minimum(((t[inside] - start) // width_ns).astype(np.int64), n_bins - 1)
+            # integer amounts: float64 sums are exact, so the chunking cannot change them
+            totals += np.bincount(index, weights=a[inside].astype(np.float64), minlength=n_bins)
+        columns[name] = totals / bin_s
     return columns

@@ -76,7 +76,7 @@ def kv_plot(a) -> str:
 def latency_plot(a) -> str:
     fig, axes = _figure(12, 3.0, ncols=4)
     for ax, kind in zip(axes, ("ttft", "tpot", "e2e")):
-        values = a.latency.per_request_ms[kind]
+        values = a.latency.kind_ms(kind)
         ax.hist(values[~np.isnan(values)], bins=40)
         ax.set(title=kind.upper() if kind != "e2e" else "end-to-end", xlabel="ms")
     itl = a.latency
