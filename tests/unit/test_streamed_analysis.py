@@ -192,3 +192,46 @@ def test_ranks_merged_from_the_worker_files_are_the_in_memory_ranks(tmp_path, ba
     assert got.ranks is not None and got.ranks.ranks == [0, 1, 2]
     assert got.ranks.steps == got.steps
     assert json.dumps(got.ranks.to_dict()) == json.dumps(want.ranks.to_dict())
+
+
+@pytest.mark.parametrize("window", [None, (0.1, 0.3)])
+@pytest.mark.parametrize("read", [streamed, in_memory])
+def test_timeline_reads_the_let_go_step_columns_again(tmp_path, window, read):
+    """Running, waiting, blocks in use and RSS are summed before the request pass and let
+    go; the timeline reads them from the trace again, at the selected steps only."""
+    path = tmp_path / "t.arrow"
+    build(path, mixed_specs(40, 3), batch_rows=7)
+    analysis = analyze(read(path), window=window)
+    steps = in_memory(path)["steps"].to_pydict()
+    start = np.asarray(steps["t_schedule_start_ns"])
+    rel = (start - start[0]) / 1e9
+    chosen = np.ones(rel.size, bool) if window is None else (rel >= window[0]) & (rel < window[1])
+    timeline = analysis.timeline.to_pydict()
+    assert list(timeline) == ["step", "t_s", "step_ms", "running", "waiting", "kv_blocks_used",
+                              "decode_requests", "prefill_tokens", "total_tokens",
+                              "context_tokens", "output_tokens", "rss_bytes"]
+    for column, name in [("step", "step"), ("running", "num_running"), ("waiting", "num_waiting"),
+                         ("kv_blocks_used", "kv_blocks_used"), ("rss_bytes", "rss_bytes"),
+                         ("decode_requests", "num_decode_reqs"), ("total_tokens", "total_tokens")]:
+        assert timeline[column] == np.asarray(steps[name])[chosen].tolist(), column
+    assert sum(timeline["output_tokens"]) == analysis.tokens.output
+    assert analysis.batch.max_running == max(timeline["running"])
+    assert analysis.kv.peak_blocks_used == max(timeline["kv_blocks_used"])
+    assert analysis.memory.readings["engine_rss_bytes"].max == max(timeline["rss_bytes"])
+
+
+def test_per_request_latencies_are_made_when_asked_and_match_the_requests_table(tmp_path):
+    path = tmp_path / "t.arrow"
+    build(path, mixed_specs(30, 4), batch_rows=5)
+    analysis = analyze(streamed(path))
+    assert "per_request_ms" not in analysis.latency.__dict__     # a JSON report never made it
+    req = in_memory(path)["requests"].to_pandas().set_index("req")
+    done = req[req.finish_ns >= 0]
+    table = analysis.per_request.to_pandas().set_index("req")
+    assert sorted(table.index) == sorted(done.index)
+    ttft = ((done.first_token_ns - done.arrival_ns) / 1e6).where(done.first_token_ns >= 0)
+    e2e = (done.finish_ns - done.arrival_ns) / 1e6
+    assert np.allclose(table.loc[done.index, "ttft_ms"], ttft, equal_nan=True)
+    assert np.allclose(table.loc[done.index, "e2e_ms"], e2e)
+    assert analysis.latency.e2e.count == len(done)
+    assert analysis.latency.e2e.p50 == pytest.approx(float(np.percentile(e2e, 50)))

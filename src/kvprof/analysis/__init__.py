@@ -41,6 +41,7 @@ STREAMED_TABLES = ("steps", "request_steps", "forward", "requests")   # read bat
 # (24 bytes a step; step_pass column -> timeline column)
 PLOT_ONLY = {"num_running": "running", "num_waiting": "waiting", "kv_blocks_used": "kv_blocks_used",
              "rss_bytes": "rss_bytes"}
+BATCH_ONLY = ("prefill_reqs",)   # summed into the batch section, shown nowhere step by step
 TIMELINE = ("step", "t_s", "step_ms", "running", "waiting", "kv_blocks_used", "decode_requests",
             "prefill_tokens", "total_tokens", "context_tokens", "output_tokens", "rss_bytes")
 FORWARD_COLUMNS = tuple(f.name for f in S.TABLES["forward"])
@@ -160,7 +161,7 @@ def analyze(trace, window: tuple[float | None, float | None] | None = None,
                               f"({requests['req'].size} requests recorded); nothing to measure")
     sel = _selection(steps, window)
     summed = _summed_steps(sel, trace.run)
-    for name in PLOT_ONLY:          # the request pass's state takes their place
+    for name in (*PLOT_ONLY, *BATCH_ONLY):   # the request pass's state takes their place
         del steps[name]
         sel.steps.pop(name, None)
     chosen = _in_range(requests["finish_step"], sel.step_range) & (requests["finish_ns"] >= 0)
@@ -170,7 +171,8 @@ def analyze(trace, window: tuple[float | None, float | None] | None = None,
 
 @dataclass
 class SummedSteps:
-    """What batch, kv and memory take from the selected steps' PLOT_ONLY columns."""
+    """What batch, kv and memory take from the selected steps' PLOT_ONLY and BATCH_ONLY
+    columns."""
 
     batch: Batch
     blocks_used: tuple[int, float]
