@@ -38,7 +38,7 @@ NEEDED_TABLES = ("request_steps", "requests", "preemptions", "forward", "host_sa
 STREAMED_TABLES = ("steps", "request_steps", "forward", "requests")   # read batch by batch, never whole in Arrow
 # step columns summed (batch, kv, memory) before the request pass and then let go: only the
 # timeline shows them step by step, and it reads them again when a plot asks for it
-# (24 bytes a step; step_pass column -> timeline column)
+# (20 bytes a step; step_pass column -> timeline column)
 PLOT_ONLY = {"num_running": "running", "num_waiting": "waiting", "kv_blocks_used": "kv_blocks_used",
              "rss_bytes": "rss_bytes"}
 BATCH_ONLY = ("prefill_reqs",)   # summed into the batch section, shown nowhere step by step
