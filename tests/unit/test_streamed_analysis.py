@@ -235,3 +235,20 @@ def test_per_request_latencies_are_made_when_asked_and_match_the_requests_table(
     assert np.allclose(table.loc[done.index, "e2e_ms"], e2e)
     assert analysis.latency.e2e.count == len(done)
     assert analysis.latency.e2e.p50 == pytest.approx(float(np.percentile(e2e, 50)))
+
+
+def test_gapless_steps_replay_as_through_a_step_table(tmp_path, monkeypatch):
+    """Steps numbered without a gap skip the step-number table: the kernel's two ways of
+    placing a row's step give the same report."""
+    path = tmp_path / "t.arrow"
+    build(path, mixed_specs(40, 6), batch_rows=7)
+    without_table = render(analyze(streamed(path), window=(0.05, None), predict=(8,)))
+    plain = request_pass._step_lookup
+
+    def with_table(step_numbers, where):
+        lo, table = plain(step_numbers, where)
+        assert table.size == 0                      # the synthetic trace has no gap
+        return lo, np.arange(step_numbers.size, dtype=np.int32)   # step - lo -> position
+
+    monkeypatch.setattr(request_pass, "_step_lookup", with_table)
+    assert render(analyze(streamed(path), window=(0.05, None), predict=(8,))) == without_table
