@@ -35,6 +35,8 @@ log = logging.getLogger("kvprof")
 ENV_PY_SPY = "KVPROF_PY_SPY"
 DEFAULT_RATE = 100          # py-spy's own default, samples per second
 STOP_TIMEOUT_S = 30
+READY_TIMEOUT_S = 30        # py-spy attaching to a large process (torch) on a slow machine
+READY_LINE = b"Sampling process"   # what py-spy prints on stdout once its SIGINT handler is set
 _THREAD_FRAME = re.compile(r"^thread \((\d+)\): ?(.*)$")   # the frame --threads adds at the bottom
 
 
@@ -69,15 +71,15 @@ class Sampler:
 
     def _launch(self, program: str, pid: int, process: str) -> None:
         out = os.path.join(self.path + S.PARTS_SUFFIX, f"pyspy-{process}.json")
-        err = tempfile.TemporaryFile()
+        err, said = tempfile.TemporaryFile(), tempfile.TemporaryFile()
         started_ns = time.monotonic_ns()
         proc = subprocess.Popen(
             [program, "record", "--pid", str(pid), "--format", "chrometrace", "--output", out,
              "--rate", str(self.rate), "--threads", "--idle", "--nonblocking", "--full-filenames"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+            stdin=subprocess.DEVNULL, stdout=said, stderr=err,
             start_new_session=True)   # a Ctrl-C in the user's terminal does not reach it
         run = {"pid": pid, "process": process, "proc": proc, "out": out, "err": err,
-               "started_ns": started_ns}
+               "said": said, "started_ns": started_ns}
         self.runs.append(run)
         threading.Thread(target=self._watch, args=(run,), daemon=True,
                          name=f"kvprof-pyspy-{process}").start()
@@ -97,9 +99,13 @@ class Sampler:
                     "host stacks", run["process"], run["pid"], reason)
 
     def stop(self) -> None:
-        """SIGINT makes py-spy write its file and exit."""
+        """SIGINT makes py-spy write its file and exit, once it is sampling: a SIGINT
+        that arrives while it still attaches kills it without a file (a traced run
+        shorter than the attach, on a fast machine)."""
         self.stopping = True
+        deadline = time.monotonic() + READY_TIMEOUT_S
         for run in self.runs:
+            _wait_until_sampling(run, deadline)
             if run["proc"].poll() is None:
                 run["proc"].send_signal(signal.SIGINT)
         for run in self.runs:
@@ -197,6 +203,17 @@ def write_table(path: str, table: str, rows: list[tuple]) -> None:
         streams.write(table, batch)
     finally:
         streams.close()
+
+
+def _wait_until_sampling(run: dict, deadline: float) -> None:
+    """Until py-spy says it samples, or has exited, or the deadline passes."""
+    while run["proc"].poll() is None and time.monotonic() < deadline:
+        try:
+            if READY_LINE in os.pread(run["said"].fileno(), 4096, 0):
+                return
+        except OSError:
+            return
+        time.sleep(0.01)
 
 
 def _first_error_line(err) -> str:
